@@ -1,0 +1,1125 @@
+"""cat_diffusion: a small, real denoising diffusion model for cat faces (the CAT dataset).
+
+    python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
+    python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
+
+    >>> from cat_diffusion import DiffusionModel, load_model
+    >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
+
+Sections, in data-flow order: data -> model -> diffusion -> training -> sampling and plots ->
+save/load -> command line.
+"""
+import argparse
+import dataclasses
+import hashlib
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+HAS_DISPLAY = sys.platform in ("darwin", "win32") or bool(
+    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+if not HAS_DISPLAY:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: .cat files, face alignment, the preprocessing cache, CatDataset, synthetic cats
+# ----------------------------------------------------------------------------------------------
+
+LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 2", "left ear 3",
+             "right ear 1", "right ear 2", "right ear 3")
+# A mirror image swaps sides; ear points run around the head, so left ear 1 (outer base) becomes
+# right ear 3 (outer base) and the tips (2) swap with each other.
+FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+ALIGN_VERSION = 1  # bump when alignment output changes: it is part of the cache key
+MIN_FACE = 32  # faces whose box is narrower than this many photo pixels are dropped
+UMASK = os.umask(0o22)
+os.umask(UMASK)
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cat_diffusion"
+
+
+class BadItem(Exception):
+    """A photo or .cat file that cannot be used; the message is the reason, grouped in reports."""
+
+
+def parse_cat_file(path):
+    """Read a .cat file: `N x1 y1 ... xN yN` (integers) -> float32 array (9, 2) of (x, y)."""
+    try:
+        tokens = Path(path).read_text(errors="strict").split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadItem(f"unreadable .cat file ({type(e).__name__})") from None
+    if not tokens:
+        raise BadItem("empty .cat file")
+    try:
+        numbers = [float(tok) for tok in tokens]
+    except ValueError:
+        raise BadItem("non-numeric .cat contents") from None
+    count, coords = numbers[0], numbers[1:]
+    if count != int(count) or len(coords) != 2 * count:
+        raise BadItem(".cat point count does not match its numbers")
+    if count < len(LANDMARKS):
+        raise BadItem(f".cat file has fewer than {len(LANDMARKS)} points")
+    points = np.asarray(coords, dtype=np.float32).reshape(-1, 2)[:len(LANDMARKS)]
+    if not np.isfinite(points).all():
+        raise BadItem("non-numeric .cat contents")
+    return points
+
+
+def find_annotated_photos(root):
+    """All photos under `root` (any depth) with their .cat sidecar (`X.jpg.cat`, else `X.cat`).
+
+    Returns (pairs, missing): pairs of (photo, cat_file) sorted by path; photos without a sidecar.
+    """
+    pairs, missing = [], []
+    for photo in sorted(Path(root).rglob("*")):
+        if photo.suffix.lower() not in IMAGE_SUFFIXES or not photo.is_file():
+            continue
+        for cat in (Path(f"{photo}.cat"), photo.with_suffix(".cat")):
+            if cat.is_file():
+                pairs.append((photo, cat))
+                break
+        else:
+            missing.append(photo)
+    return pairs, missing
+
+
+def read_photo(path):
+    """Decode any common photo to uint8 RGB (3, H, W).
+
+    EXIF orientation is deliberately ignored: the CAT annotations are in the stored pixel grid.
+    """
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except OSError as e:
+        raise BadItem(f"unreadable photo ({type(e).__name__})") from None
+    except (RuntimeError, ValueError):
+        raise BadItem("corrupt or truncated image") from None
+    if image.dtype == torch.uint16:  # 16-bit PNG
+        image = (image >> 8).to(torch.uint8)
+    return image
+
+
+def align_face(image, points, size, min_face=MIN_FACE):
+    """Cut the face out of a photo the established way for this dataset.
+
+    Rotate about the eye midpoint until the eyes are level; the square box is as wide as the outer
+    ear bases (left ear 1 to right ear 3) with the eye midpoint at (0.5, 0.4) of it; where it leaves
+    the photo the photo is padded (reflected, or edge-repeated when the pad exceeds the photo);
+    then an antialiased bicubic resize to `size`. Landmarks travel with the pixels as KeyPoints.
+    Returns (uint8 (3, size, size), float32 (9, 2) landmarks in output pixels).
+    """
+    left_eye, right_eye = points[0], points[1]
+    dx, dy = right_eye - left_eye
+    if math.hypot(dx, dy) < 1:
+        raise BadItem("degenerate landmarks (eyes on the same point)")
+    angle = math.atan2(dy, dx)
+    center = (left_eye + right_eye) / 2
+    cos, sin = math.cos(angle), math.sin(angle)
+    level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
+    width = abs(level[8, 0] - level[3, 0])
+    if width < min_face:
+        raise BadItem(f"face box under {min_face} px")
+    # The box's corners in photo pixels give the region to keep, with a margin for interpolation.
+    box = np.array([[-0.5, -0.4], [0.5, -0.4], [-0.5, 0.6], [0.5, 0.6]]) * width
+    corners = center + box @ np.array([[cos, sin], [-sin, cos]])
+    x0, y0 = np.floor(corners.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+    height, photo_width = image.shape[-2:]
+    pad = [max(0, -x0), max(0, -y0), max(0, x1 - photo_width), max(0, y1 - height)]
+    mode = "reflect" if max(pad[0], pad[2]) < photo_width and max(pad[1], pad[3]) < height else "edge"
+    face = tv_tensors.Image(image)
+    marks = tv_tensors.KeyPoints(torch.from_numpy(points), canvas_size=(height, photo_width))
+    if any(pad):
+        face, marks = TF.pad(face, pad, padding_mode=mode), TF.pad(marks, pad)
+    top, left = y0 + pad[1], x0 + pad[0]
+    face, marks = TF.crop(face, top, left, y1 - y0, x1 - x0), TF.crop(marks, top, left, y1 - y0, x1 - x0)
+    cx, cy = float(center[0] - x0), float(center[1] - y0)
+    face = TF.rotate(face, math.degrees(angle), InterpolationMode.BILINEAR, center=[cx, cy])
+    marks = TF.rotate(marks, math.degrees(angle), center=[cx, cy])
+    side = max(1, round(width))
+    box_top, box_left = round(cy - 0.4 * width), round(cx - 0.5 * width)
+    face, marks = TF.crop(face, box_top, box_left, side, side), TF.crop(marks, box_top, box_left, side, side)
+    face = TF.resize(face, [size, size], InterpolationMode.BICUBIC, antialias=True)
+    marks = TF.resize(marks, [size, size])
+    return face.as_subclass(torch.Tensor), marks.as_subclass(torch.Tensor).float()
+
+
+def flip_faces(images, landmarks):
+    """Mirror faces left-right; landmarks are mirrored and relabelled so the order keeps its meaning."""
+    size = images.shape[-1]
+    marks = TF.horizontal_flip(tv_tensors.KeyPoints(landmarks, canvas_size=(size, size)))
+    return images.flip(-1), marks.as_subclass(torch.Tensor)[..., FLIP_ORDER, :]
+
+
+def _align_item(args):
+    """Pool worker: one (photo, cat) pair -> ("ok", face, landmarks) or ("bad", reason, photo)."""
+    photo, cat, size, min_face = args
+    try:
+        points = parse_cat_file(cat)
+        face, marks = align_face(read_photo(photo), points, size, min_face)
+        return "ok", face.numpy(), marks.numpy()
+    except BadItem as e:
+        return "bad", str(e), str(photo)
+
+
+def align_all(pairs, size, min_face, workers=None):
+    """Align every pair, in parallel over the cores for large sets, with a progress bar."""
+    jobs = [(p, c, size, min_face) for p, c in pairs]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 256))
+    bar = dict(total=len(jobs), desc="aligning faces", unit="photo", disable=len(jobs) < 256)
+    if workers == 1:
+        return list(tqdm(map(_align_item, jobs), **bar))
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(tqdm(pool.imap(_align_item, jobs, chunksize=32), **bar))
+
+
+def files_fingerprint(root, pairs, missing, size, min_face):
+    """Cache key: alignment version, size, threshold and every file's path, size and mtime."""
+    h = hashlib.sha256(f"{ALIGN_VERSION}|{size}|{min_face}".encode())
+    for path in [p for pair in pairs for p in pair] + missing:
+        st = path.stat()
+        h.update(f"|{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def atomic_write(path, write):
+    """Write `path` via a temporary file in the same folder, fsync and rename: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
+    """Aligned faces under `root` as (uint8 (N, 3, S, S), float32 (N, 9, 2), relative names).
+
+    Served from one cache file per data folder and size (in `cache_dir`, default
+    ~/.cache/cat_diffusion); rebuilt when anything in its key changes or it fails to load.
+    """
+    root = Path(root).resolve()
+    pairs, missing = find_annotated_photos(root)
+    key = files_fingerprint(root, pairs, missing, size, min_face)
+    cache_dir = Path(cache_dir) if cache_dir else CACHE_DIR
+    folder_id = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    cache = cache_dir / f"faces-{size}px-{folder_id}.pt"
+    try:
+        data = torch.load(cache, weights_only=True)
+        if data["key"] != key:
+            raise ValueError("stale")
+        faces, marks, names, bad = data["faces"], data["landmarks"], data["names"], data["bad"]
+        if faces.shape != (len(names), 3, size, size) or marks.shape != (len(names), 9, 2):
+            raise ValueError("inconsistent")
+    except Exception:  # missing, stale, truncated or corrupt: rebuild, never trust
+        results = align_all(pairs, size, min_face)
+        good = [(p, r) for (p, _), r in zip(pairs, results) if r[0] == "ok"]
+        faces = torch.from_numpy(np.stack([r[1] for _, r in good])) if good else \
+            torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        marks = torch.from_numpy(np.stack([r[2] for _, r in good])) if good else torch.zeros(0, 9, 2)
+        names = [str(p.relative_to(root)) for p, _ in good]
+        bad = [[r[1], str(Path(r[2]).relative_to(root))] for r in results if r[0] == "bad"]
+        bad += [["missing .cat file", str(p.relative_to(root))] for p in missing]
+        payload = dict(key=key, faces=faces, landmarks=marks, names=names, bad=bad)
+        try:
+            atomic_write(cache, lambda f: torch.save(payload, f))
+        except OSError as e:
+            print(f"warning: could not write the face cache {cache}: {e}", file=sys.stderr)
+    if not quiet:
+        report_bad_items(root, bad)
+    return faces, marks, names
+
+
+def report_bad_items(root, bad, show=3):
+    """One line per reason: how many items were skipped and the first few paths."""
+    by_reason = {}
+    for reason, path in bad:
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in sorted(by_reason.items()):
+        more = ", ..." if len(paths) > show else ""
+        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{more}",
+              file=sys.stderr)
+
+
+def photo_id(name):
+    """CAT photo id of a file name: `00000001_005.jpg` -> `00000001` (shots of one cat share it)."""
+    return Path(name).name.split("_")[0].split(".")[0]
+
+
+def in_validation(name, percent):
+    """Deterministic split by photo id: stable across machines and when files are added."""
+    return zlib.crc32(photo_id(name).encode()) % 100 < percent
+
+
+class CatDataset(torch.utils.data.Dataset):
+    """Landmark-aligned cat faces from a folder in the CAT dataset's format.
+
+    Photos are found at any depth (`CAT_00` ... `CAT_06`, one flat folder, or a folder of face
+    crops), each with a `.cat` sidecar. Faces narrower than `min_face` (default 32) photo pixels are
+    dropped, as are unreadable items; each reason is reported once with a count.
+    `dataset[i]` is (image float (3, S, S) in [-1, 1], landmarks float (9, 2) in its pixels).
+    `split` is None (all), "train" or "val" (`val_percent` of photo ids, chosen by hash).
+    """
+
+    def __init__(self, image_dir, image_size=64, augment=False, min_face=MIN_FACE, split=None,
+                 val_percent=5, cache_dir=None, quiet=False):
+        self.image_dir, self.image_size, self.augment = Path(image_dir), image_size, augment
+        faces, marks, names = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
+        if split is not None:
+            keep = [i for i, n in enumerate(names) if in_validation(n, val_percent) == (split == "val")]
+            faces, marks, names = faces[keep], marks[keep], [names[i] for i in keep]
+        if len(names) == 0:
+            raise SystemExit(
+                f"error: no usable annotated cat photos{f' ({split} split)' if split else ''} in "
+                f"{self.image_dir.resolve()} (looked for .jpg/.jpeg/.png with .cat files at any "
+                f"depth). Get the CAT dataset (Kaggle: crawford/cat-dataset) and pass --data, or "
+                f"see data/README.md.")
+        self.faces, self.landmarks, self.names = faces, marks, names
+
+    def __len__(self):
+        return len(self.faces)
+
+    def __getitem__(self, i):
+        image, marks = self.faces[i], self.landmarks[i]
+        if self.augment and torch.rand(()) < 0.5:
+            image, marks = flip_faces(image, marks)
+        return to_model_range(image), marks
+
+
+def to_model_range(images):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+# Synthetic cats: drawn in a face frame where the box (outer ear bases) is 1 wide and the eye
+# midpoint is the origin, then scaled, rotated and placed in a larger "photo".
+SYNTH_LANDMARKS = np.array([[-0.2, 0], [0.2, 0], [0, 0.3], [-0.5, -0.2], [-0.46, -0.62],
+                            [-0.16, -0.42], [0.16, -0.42], [0.46, -0.62], [0.5, -0.2]])
+FUR = [(235, 140, 50), (120, 120, 125), (40, 38, 40), (245, 240, 230), (150, 100, 60),
+       (205, 170, 120), (90, 70, 60), (230, 210, 180)]
+EYES = [(90, 170, 60), (220, 190, 40), (90, 150, 220), (200, 130, 40)]
+
+
+def ellipse(cx, cy, rx, ry, n=28):
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], 1)
+
+
+def draw_synthetic_cat(rng, photo_size=(256, 192)):
+    """One procedurally drawn cat photo and its true 9 landmarks (photo pixels)."""
+    scale = 2  # drawn at twice the size, then shrunk, for smooth edges
+    w, h = photo_size[0] * scale, photo_size[1] * scale
+    bg = rng.integers(0, 256, 3)
+    img = Image.new("RGB", (w, h), tuple(int(c) for c in bg))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(2, 7)):  # background clutter
+        x, y, s = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 160)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x, y, x + s, y + s * rng.uniform(0.3, 2)], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    marks = SYNTH_LANDMARKS * rng.uniform(0.9, 1.1, SYNTH_LANDMARKS.shape)
+    marks[3:] += rng.normal(0, 0.03, (6, 2))
+    width = rng.uniform(0.35, 0.75) * h  # box width in pixels
+    angle = rng.uniform(-0.5, 0.5)
+    rot = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
+    center = np.array([rng.uniform(0.3, 0.7) * w, rng.uniform(0.35, 0.65) * h])
+
+    def place(p):
+        return [tuple(q) for q in (np.asarray(p) * width) @ rot + center]
+
+    fur = np.array(FUR[rng.integers(len(FUR))]) + rng.integers(-20, 21, 3)
+    dark = tuple(int(c) for c in np.clip(fur * rng.uniform(0.3, 0.6), 0, 255))
+    fur = tuple(int(c) for c in np.clip(fur, 0, 255))
+    inner = tuple(int(c) for c in rng.integers(180, 256, 3) * np.array([1, 0.7, 0.75]))
+    head_rx, head_ry = rng.uniform(0.54, 0.6), rng.uniform(0.48, 0.54)
+    for ear in (marks[3:6], marks[6:9]):
+        draw.polygon(place(ear), fill=fur)
+        draw.polygon(place(ear.mean(0) + 0.6 * (ear - ear.mean(0))), fill=inner)
+    draw.polygon(place(ellipse(0, 0.02, head_rx, head_ry)), fill=fur)
+    pattern = rng.integers(3)
+    if pattern == 1:  # tabby stripes on the forehead
+        for k in (-0.12, 0, 0.12):
+            draw.line(place([[k, -0.38], [k * 0.6, -0.14]]), fill=dark, width=max(1, int(width * 0.03)))
+    elif pattern == 2:  # white muzzle and chest
+        draw.polygon(place(ellipse(0, 0.3, 0.28, 0.2)), fill=(240, 238, 232))
+    eye_colour = EYES[rng.integers(len(EYES))]
+    eye_r, pupil = rng.uniform(0.06, 0.09), rng.uniform(0.015, 0.04)
+    for eye in marks[:2]:
+        draw.polygon(place(ellipse(eye[0], eye[1], eye_r, eye_r * 0.85)), fill=eye_colour)
+        draw.polygon(place(ellipse(eye[0], eye[1], pupil, eye_r * 0.75)), fill=(10, 10, 10))
+    mouth = marks[2]
+    draw.polygon(place([mouth + [-0.045, -0.09], mouth + [0.045, -0.09], mouth + [0, -0.04]]),
+                 fill=(230, 120, 130))
+    line = max(1, int(width * 0.012))
+    draw.line(place([mouth + [0, -0.04], mouth, mouth + [-0.06, 0.03]]), fill=dark, width=line)
+    draw.line(place([mouth, mouth + [0.06, 0.03]]), fill=dark, width=line)
+    for side in (-1, 1):
+        for dy in (-0.04, 0, 0.04):
+            draw.line(place([mouth + [side * 0.08, -0.04], mouth + [side * 0.42, dy * 2 - 0.05]]),
+                      fill=(235, 235, 235), width=line)
+    photo = img.reduce(scale)
+    return photo, (np.asarray(place(marks)) / scale)
+
+
+def write_synthetic_dataset(folder, count=2000, seed=0):
+    """A deterministic synthetic dataset in the CAT format: NNNNNNNN_000.jpg + .jpg.cat pairs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in tqdm(range(count), desc="drawing synthetic cats", unit="photo"):
+        photo, marks = draw_synthetic_cat(rng)
+        path = folder / f"{i:08d}_000.jpg"
+        photo.save(path, quality=90)
+        values = " ".join(str(int(round(v))) for v in marks.reshape(-1))
+        Path(f"{path}.cat").write_text(f"{len(marks)} {values} ")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a convolutional encoder-decoder (U-Net) conditioned on the noise level
+# ----------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017; Ho et al. 2020)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the time embedding scales and shifts the middle (FiLM)."""
+
+    def __init__(self, c_in, c_out, emb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels, via PyTorch's fused SDPA."""
+
+    def __init__(self, channels, heads=4):
+        super().__init__()
+        self.heads, self.norm = heads, group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Stage(nn.Module):
+    """Residual blocks at one resolution, with self-attention after each when `attention`."""
+
+    def __init__(self, c_in, c_out, blocks, emb_dim, dropout, attention):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResBlock(c_in if i == 0 else c_out, c_out, emb_dim, dropout) for i in range(blocks))
+        self.attns = nn.ModuleList(Attention(c_out) if attention else nn.Identity() for _ in range(blocks))
+
+    def forward(self, x, emb):
+        for block, attn in zip(self.blocks, self.attns):
+            x = attn(block(x, emb))
+        return x
+
+
+class DiffusionModel(nn.Module):
+    """Noise-conditioned convolutional encoder-decoder: `model(x_t, t)` predicts v (see `v_target`).
+
+    The encoder halves the resolution in three stages (stride-2 convolutions); the decoder comes
+    back up with transposed convolutions, concatenating the encoder's features at each resolution.
+    Self-attention runs at resolutions <= `attention_below`. Width: `base_channels` times
+    `channel_mults` per resolution; depth: `blocks` residual blocks per stage.
+    """
+
+    def __init__(self, image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), blocks=1,
+                 attention_below=8, dropout=0.0):
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"image_size must be divisible by 8 (three halvings), got {image_size}")
+        if len(channel_mults) != 4:
+            raise ValueError("channel_mults needs 4 entries: three encoder stages and the middle")
+        self.config = dict(image_size=image_size, base_channels=base_channels,
+                           channel_mults=list(channel_mults), blocks=blocks,
+                           attention_below=attention_below, dropout=dropout)
+        ch = [base_channels * m for m in channel_mults]
+        res = [image_size >> i for i in range(4)]
+        emb_dim = 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(3, ch[0], 3, padding=1)
+
+        def stage(c_in, c_out, r):
+            return Stage(c_in, c_out, blocks, emb_dim, dropout, attention=r <= attention_below)
+
+        self.encoder = nn.ModuleList(stage(ch[max(i - 1, 0)], ch[i], res[i]) for i in range(3))
+        self.down = nn.ModuleList(nn.Conv2d(ch[i], ch[i], 3, stride=2, padding=1) for i in range(3))
+        self.middle = stage(ch[2], ch[3], res[3])
+        self.up = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1) for i in range(3))
+        self.decoder = nn.ModuleList(stage(2 * ch[i], ch[i], res[i]) for i in range(3))
+        self.head = nn.Sequential(group_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))
+        h, skips = self.stem(x), []
+        for stage, down in zip(self.encoder, self.down):
+            h = stage(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h, emb)
+        for i in reversed(range(3)):
+            h = self.decoder[i](torch.cat([self.up[i](h), skips[i]], dim=1), emb)
+        return self.head(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: DDPM forward process, cosine schedule, v-prediction
+# ----------------------------------------------------------------------------------------------
+
+T = 1000  # diffusion steps
+
+
+def cosine_alpha_bar(steps=T, s=0.008):
+    """alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2) (Nichol & Dhariwal 2021,
+    eq. 17), with beta_t capped at 0.999; index t = 0 .. T-1 is step t+1 of the paper."""
+    x = torch.arange(steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
+    beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - beta, 0).float()
+
+
+def q_sample(x0, alpha_bar_t, eps):
+    """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4)."""
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
+
+
+def v_target(x0, alpha_bar_t, eps):
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, section 4).
+
+    Why v: its MSE weights x0-errors by SNR + 1, so it stays finite and informative at both ends
+    of the cosine schedule, where eps-prediction turns ill-posed at high noise (SNR -> 0).
+    """
+    return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+
+
+def predict_x0_eps(v, x_t, alpha_bar_t):
+    """Invert the v parametrisation: x0 = sqrt(ab) x_t - sqrt(1-ab) v, eps = sqrt(1-ab) x_t + sqrt(ab) v."""
+    a, s = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    return a * x_t - s * v, s * x_t + a * v
+
+
+def diffusion_loss(model, x0, alpha_bar, generator):
+    """MSE between predicted and true v at uniformly drawn t (Ho et al. 2020, algorithm 1)."""
+    t = torch.randint(0, len(alpha_bar), (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last)
+    ab = alpha_bar[t][:, None, None, None]
+    v_pred = model(q_sample(x0, ab, eps), t)
+    return F.mse_loss(v_pred.float(), v_target(x0, ab, eps))
+
+
+ALPHA_BAR = cosine_alpha_bar()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    augment: bool = True  # random horizontal flips
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32
+    checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16():
+    """AMX or AVX512-BF16: bf16 convolutions run several times faster than fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(device, precision="auto"):
+    """bf16 where the hardware runs it fast (or when forced), else None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+        device.type == "cpu" and cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def make_ema(model, decay):
+    """EMA of the weights via torch.optim.swa_utils.AveragedModel, with the decay warmed up as
+    min(decay, (1 + n) / (10 + n)) so that a short run is not dominated by its random start."""
+    def ema_update(ema_params, params, num_averaged):
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+def warmup_cosine(step, warmup, total):
+    """Learning-rate factor: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(n, seed, epoch):
+    """The epoch's shuffled order and flip flags, a pure function of (seed, epoch) so that a
+    resumed run sees exactly the batches the uninterrupted one would have."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
+
+
+def make_batch(faces, landmarks, idx, flips, device):
+    x0, marks = to_model_range(faces[idx]), landmarks[idx].clone()
+    if flips is not None and flips.any():
+        x0[flips], marks[flips] = flip_faces(x0[flips], marks[flips])
+    return x0.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), marks.to(device)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, device, dtype, batch_size=64):
+    """Mean loss on `dataset` with fixed t and noise, so epochs compare like with like."""
+    g = torch.Generator(device).manual_seed(1234)
+    alpha_bar, total = ALPHA_BAR.to(device), 0.0
+    for i in range(0, len(dataset), batch_size):
+        x0, _ = make_batch(dataset.faces, dataset.landmarks, torch.arange(i, min(i + batch_size, len(dataset))),
+                           None, device)
+        with autocast(device, dtype):
+            total += diffusion_loss(model, x0, alpha_bar, g).item() * len(x0)
+    return total / len(dataset)
+
+
+def train(model, data, cfg, out_dir, val_data=None, resume=None):
+    """Train `model` on `data` (a CatDataset); returns (ema_model, history).
+
+    Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps and after every epoch;
+    `resume` (a checkpoint path) continues that run exactly where it stopped.
+    """
+    device = pick_device(cfg.device)
+    dtype = autocast_dtype(device, cfg.precision)
+    model.to(device, memory_format=torch.channels_last).train()
+    ema = make_ema(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = min(cfg.batch_size, len(data))
+    steps_per_epoch = len(data) // batch
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
+    noise_gen = torch.Generator(device).manual_seed(cfg.seed)
+    alpha_bar = ALPHA_BAR.to(device)
+    faces = data.faces.to(device)  # uint8: the whole set lives on the device, no per-step copies
+    history, step = {"loss": [], "val": []}, 0
+    if resume:
+        ckpt = read_checkpoint(resume, want="training")
+        if ckpt["model_config"] != model.config:
+            raise CheckpointError(f"{resume}: checkpoint is for model {ckpt['model_config']}, "
+                                  f"not {model.config}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        noise_gen.set_state(ckpt["noise_rng"].to("cpu"))
+        history, step = ckpt["history"], ckpt["step"]
+
+    def checkpoint():
+        state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
+                     model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                     scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(), step=step,
+                     epoch=step // steps_per_epoch, history=history)
+        atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
+
+    pending, tic, seen = [], time.perf_counter(), 0
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        order, flips = epoch_order(len(data), cfg.seed, epoch)
+        for i in range(i, steps_per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            x0, _ = make_batch(faces, data.landmarks, idx, flips[idx] if cfg.augment else None, device)
+            with autocast(device, dtype):
+                loss = diffusion_loss(model, x0, alpha_bar, noise_gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            pending.append(loss.detach())
+            step, seen = step + 1, seen + len(idx)
+            if len(pending) == 10 or step % steps_per_epoch == 0:  # one host sync per 10 steps
+                losses = torch.stack(pending).tolist()
+                pending.clear()
+                if not all(map(math.isfinite, losses)):
+                    raise TrainingError(
+                        f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} may be too "
+                        f"high); the last good checkpoint is kept in {out_dir}")
+                history["loss"] += losses
+                bar.update(len(losses))
+                rate = seen / (time.perf_counter() - tic)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.0f}", epoch=epoch + 1)
+            if step % steps_per_epoch == 0 and val_data is not None:
+                history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
+            if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
+                checkpoint()
+    bar.close()
+    return ema.module.eval(), history
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: DDPM, DDIM and DPM-Solver++(2M) over one time grid; pictures
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}  # name -> default number of steps
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def denoise(model, x, t, ab, dtype):
+    """The model's clean-image estimate x0 (clipped to [-1, 1]) and the eps consistent with it."""
+    with autocast(x.device, dtype):
+        v = model(x, t.expand(len(x))).float()
+    x0 = predict_x0_eps(v, x, ab)[0].clamp(-1, 1)
+    return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def ddpm_step(x, x0, ab, ab_next, noise):
+    """Ancestral step from the posterior q(x_s | x_t, x0) (Ho et al. 2020, eqs. 6-7), for any gap t > s."""
+    alpha = ab / ab_next
+    mean = (ab_next.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - ab_next) * x) / (1 - ab)
+    return mean + ((1 - ab_next) / (1 - ab) * (1 - alpha)).sqrt() * noise
+
+
+def ddim_step(x0, eps, ab_next):
+    """Deterministic DDIM step, eta = 0 (Song et al. 2021, eq. 12)."""
+    return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
+
+
+def half_log_snr(ab):
+    """lambda = log(alpha / sigma) = log(alpha_bar / (1 - alpha_bar)) / 2."""
+    return 0.5 * torch.log(ab / (1 - ab))
+
+
+def dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev):
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) in log-SNR lambda = log(alpha / sigma).
+    Returns (x_next, h); the first step has no history and is first order."""
+    h = half_log_snr(ab_next) - half_log_snr(ab)
+    d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h
+    sigma_ratio = ((1 - ab_next) / (1 - ab)).sqrt()
+    return sigma_ratio * x - ab_next.sqrt() * torch.expm1(-h) * d, h
+
+
+@torch.no_grad()
+def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, generator=None,
+           precision="auto", on_step=None, progress=True):
+    """Generate `n` images in [-1, 1] from noise `x` at step `t_start` (pure noise by default).
+
+    The time grid is `steps` timesteps evenly spaced from `t_start` to 0, and each sampler ends
+    with a step to the clean image. `on_step(i, x, x0)` sees every intermediate state.
+    """
+    steps = steps or SAMPLERS[sampler]
+    device, size = model_device(model), model.config["image_size"]
+    dtype = autocast_dtype(device, precision)
+    if x is None:
+        x = torch.randn(n, 3, size, size, device=device, generator=generator)
+    x = x.to(device, memory_format=torch.channels_last)
+    ts = torch.linspace(t_start, 0, steps, device=device).round().long()
+    alpha_bar = ALPHA_BAR.to(device)[ts]
+    alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
+    x0_prev = h_prev = None
+    for i in tqdm(range(steps), desc=f"sampling ({sampler})", unit="step", disable=not progress, leave=False):
+        ab, ab_next = alpha_bar[i], alpha_bar_next[i]
+        x0, eps = denoise(model, x, ts[i], ab, dtype)
+        if i == steps - 1:
+            x = x0  # every sampler's last step lands on its clean estimate (alpha_bar = 1)
+        elif sampler == "ddpm":
+            x = ddpm_step(x, x0, ab, ab_next, torch.randn(x.shape, device=device, generator=generator))
+        elif sampler == "ddim":
+            x = ddim_step(x0, eps, ab_next)
+        elif sampler == "dpm++":
+            x, h_prev = dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev)
+            x0_prev = x0
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if on_step:
+            on_step(i, x, x0)
+    return x.clamp(-1, 1).contiguous()
+
+
+def generate(model, n=64, steps=None, sampler="dpm++", seed=None):
+    """REPL helper: `n` new faces as a float tensor (n, 3, S, S) in [0, 1] on the CPU."""
+    g = torch.Generator(model_device(model))
+    g.manual_seed(seed) if seed is not None else g.seed()
+    model.eval()
+    return ((sample(model, n, sampler, steps, generator=g) + 1) / 2).cpu()
+
+
+def to_unit(images):
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def plot_loss(history, path):
+    """Per-step training loss (raw and smoothed) and the validation loss per epoch."""
+    loss = np.asarray(history["loss"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(np.arange(1, len(loss) + 1), loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss per step")
+    if len(loss):
+        k = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, len(loss) + 1), smooth, color="tab:blue", lw=2, label=f"mean of {k} steps")
+    if history["val"]:
+        steps, val = zip(*history["val"])
+        ax.plot(steps, val, "o-", color="tab:orange", label="validation (EMA weights)")
+    ax.set(xlabel="step", ylabel="MSE (v-prediction)", yscale="log", title="Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_reconstructions(model, images, path, strength=0.5, seed=0):
+    """Real faces, the same faces noised to `strength` of the schedule, and the model's DDIM
+    reconstructions from there."""
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    x0 = images.to(model_device(model))
+    t = int(strength * (T - 1))
+    noisy = q_sample(x0, ALPHA_BAR[t].to(x0.device), torch.randn(x0.shape, device=x0.device, generator=g))
+    recon = sample(model, len(x0), "ddim", steps=max(2, int(50 * strength)), x=noisy, t_start=t, progress=False)
+    fig, axes = plt.subplots(3, 1, figsize=(1.1 * len(x0), 4))
+    for ax, row, title in zip(axes, (x0, noisy, recon), ("real", f"noised (t = {t})", "denoised")):
+        ax.imshow(make_grid(to_unit(row), nrow=len(x0), padding=1).permute(1, 2, 0))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, seed=0):
+    """A few samples from noise to image: the state x at evenly spaced steps, then the result."""
+    steps = steps or SAMPLERS[sampler]
+    keep = set(np.linspace(0, steps - 1, snapshots).round().astype(int).tolist())
+    frames = []
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    sample(model, n, sampler, steps, generator=g, progress=False,
+           on_step=lambda i, x, x0: frames.append(x.clamp(-1, 1)) if i in keep else None)
+    grid = torch.stack(frames, 1).flatten(0, 1)  # row per sample, column per snapshot
+    save_image(to_unit(grid), path, nrow=len(frames), padding=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and load
+# ----------------------------------------------------------------------------------------------
+
+class CheckpointError(Exception):
+    """A model or checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def model_path(name):
+    path = Path(name)
+    return path if path.suffix == ".pth" else path.with_name(path.name + ".pth")
+
+
+def save_model(model, name):
+    """Write `name.pth` atomically: {"config": model.config, "state_dict": weights}."""
+    path = model_path(name)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save({"kind": "model", "config": model.config, "state_dict": state}, f))
+    return path
+
+
+def read_checkpoint(path, want="model"):
+    """torch.load with weights_only=True (no code can run), turning every failure into one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).lower()
+        if "weights_only" in msg or "unsupported global" in msg:
+            raise CheckpointError(f"{path}: refused: it holds pickled code or objects, not just "
+                                  f"weights (loading it could run that code)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (empty, truncated or another "
+                              f"format: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("model", "training"):
+        raise CheckpointError(f"{path}: not a cat_diffusion checkpoint")
+    if want == "training" and ckpt["kind"] != "training":
+        raise CheckpointError(f"{path}: holds only model weights, not a training state to resume")
+    return ckpt
+
+
+def load_model(model, name, device="cpu"):
+    """Load `name.pth` (a saved model, or a training checkpoint's EMA weights) into `model`.
+
+    The file carries its config: a `model` built differently gives an error naming the difference.
+    Pass `model=None` to build the model from the file's config instead.
+    """
+    path = model_path(name) if Path(name).suffix != ".pt" else Path(name)
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"] if ckpt["kind"] == "model" else ckpt["model_config"]
+    if model is None:
+        model = DiffusionModel(**config)
+    if model.config != config:
+        diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in model.config.items()
+                         if config.get(k) != v)
+        raise CheckpointError(f"{path}: saved with {diff}; build DiffusionModel(**config) to match, "
+                              f"or call load_model(None, {str(name)!r})")
+    weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
+        {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1:2]}") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def image_size_arg(text):
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be divisible by 8 (the model halves it three times), got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return Path(text)
+
+
+def existing_dir(text):
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return Path(text)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
+        "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{train,sample}")
+    tr = commands.add_parser("train", help="train on a CAT-format folder (the default command)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--data", type=Path, default=Path("data"),
+                    help="folder of CAT photos with .cat files, at any depth; when the default "
+                         "data/ holds none, a synthetic set is drawn into data/synthetic/")
+    tr.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
+    tr.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
+    tr.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    tr.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
+    tr.add_argument("--warmup-steps", type=positive_int, default=TrainConfig.warmup_steps)
+    tr.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
+    tr.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
+    tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    tr.add_argument("--synthetic-count", type=positive_int, default=2000,
+                    help="photos in the synthetic set drawn when there is no data")
+    tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
+                    help="steps between checkpoints (one is also written after every epoch)")
+    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                    help="continue from a checkpoint (default: OUT/checkpoint.pt)")
+    tr.add_argument("--name", default="DiffusionModel", help="the final weights go to NAME.pth")
+    sa = commands.add_parser("sample", help="generate faces with a trained model",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sa.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
+    sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
+    sa.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
+    sa.add_argument("--steps", type=positive_int, default=None,
+                    help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
+    for p in (tr, sa):
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+        p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for pictures")
+    return parser
+
+
+def parse_args(argv):
+    argv = list(argv)
+    if not argv or argv[0] not in ("train", "sample", "-h", "--help"):
+        argv.insert(0, "train")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if args.data != Path("data") and not args.data.is_dir():
+            parser.error(f"argument --data: no such folder: {args.data}")
+        if args.resume is not None:
+            args.resume = Path(args.resume or args.out / "checkpoint.pt")
+            if not args.resume.is_file():
+                parser.error(f"argument --resume: no such file: {args.resume}")
+    return args
+
+
+def resolve_data(folder, synthetic_count, seed):
+    """The folder to train on: `folder` itself, or its synthetic/ set when it holds no photos."""
+    synthetic = folder / "synthetic"
+    pairs, _ = find_annotated_photos(folder) if folder.is_dir() else ([], [])
+    real = [p for p, _ in pairs if synthetic not in p.parents]
+    if real and len(real) < len(pairs):
+        raise SystemExit(f"error: {folder} holds real photos and a synthetic/ set; delete "
+                         f"{synthetic} or pass --data with the real folder")
+    if real:
+        return folder
+    if len(pairs) < synthetic_count:
+        print(f"No annotated cat photos in {folder.resolve()} (see data/README.md for the real CAT "
+              f"dataset); drawing {synthetic_count} synthetic cats into {synthetic}/")
+        tmp = folder / ".synthetic.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_synthetic_dataset(tmp, synthetic_count, seed)
+        if synthetic.exists():
+            shutil.rmtree(synthetic)
+        tmp.rename(synthetic)
+    return synthetic
+
+
+def finish_figures(out, names):
+    print("wrote " + ", ".join(str(out / n) for n in names))
+    if HAS_DISPLAY:
+        plt.show()
+    plt.close("all")
+
+
+def run_train(args):
+    torch.manual_seed(args.seed)
+    data_dir = resolve_data(args.data, args.synthetic_count, args.seed)
+    train_set = CatDataset(data_dir, args.image_size, split="train")
+    val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
+    print(f"{len(train_set)} training and {len(val_set)} validation faces from {data_dir}")
+    model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
+                      device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume)
+    path = save_model(ema, args.name)
+    print(f"saved {path}")
+    plot_loss(history, args.out / "loss_curve.png")
+    plot_reconstructions(ema, torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]),
+                         args.out / "reconstructions.png")
+    g = torch.Generator(model_device(ema)).manual_seed(args.seed)
+    save_image(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8, padding=1)
+    plot_denoising(ema, args.out / "denoising.png")
+    finish_figures(args.out, ["loss_curve.png", "reconstructions.png", "samples.png", "denoising.png"])
+
+
+def run_sample(args):
+    model = load_model(None, args.model, pick_device(args.device))
+    g = torch.Generator(model_device(model)).manual_seed(args.seed)
+    images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision))
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_image(images, args.out / "samples.png", nrow=8, padding=1)
+    for i, image in enumerate(images):
+        save_image(image, args.out / f"sample_{i:04d}.png")
+    print(f"wrote {args.out / 'samples.png'} and {len(images)} single images in {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        {"train": run_train, "sample": run_sample}[args.command](args)
+    except (CheckpointError, TrainingError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
