@@ -12,10 +12,10 @@ save/load -> command line.
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import multiprocessing
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -117,9 +117,7 @@ def read_photo(path):
         raise BadItem(f"unreadable photo ({type(e).__name__})") from None
     except (RuntimeError, ValueError):
         raise BadItem("corrupt or truncated image") from None
-    if image.dtype == torch.uint16:  # 16-bit PNG
-        image = (image >> 8).to(torch.uint8)
-    return image
+    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
 
 
 def align_face(image, points, size, min_face=MIN_FACE):
@@ -296,15 +294,14 @@ class CatDataset(torch.utils.data.Dataset):
                  val_percent=5, cache_dir=None, quiet=False):
         self.image_dir, self.image_size, self.augment = Path(image_dir), image_size, augment
         faces, marks, names = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
-        if split is not None:
-            keep = [i for i, n in enumerate(names) if in_validation(n, val_percent) == (split == "val")]
-            faces, marks, names = faces[keep], marks[keep], [names[i] for i in keep]
         if len(names) == 0:
             raise SystemExit(
-                f"error: no usable annotated cat photos{f' ({split} split)' if split else ''} in "
-                f"{self.image_dir.resolve()} (looked for .jpg/.jpeg/.png with .cat files at any "
-                f"depth). Get the CAT dataset (Kaggle: crawford/cat-dataset) and pass --data, or "
-                f"see data/README.md.")
+                f"error: no usable annotated cat photos in {self.image_dir.resolve()} (looked for "
+                f".jpg/.jpeg/.png with .cat files at any depth). Get the CAT dataset (Kaggle: "
+                f"crawford/cat-dataset) and pass --data, or see data/README.md.")
+        if split is not None:  # either side may be empty for a handful of photos
+            keep = [i for i, n in enumerate(names) if in_validation(n, val_percent) == (split == "val")]
+            faces, marks, names = faces[keep], marks[keep], [names[i] for i in keep]
         self.faces, self.landmarks, self.names = faces, marks, names
 
     def __len__(self):
@@ -416,6 +413,13 @@ def timestep_embedding(t, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def zero_init(layer):
+    """Zero a layer's weights and bias, so the residual branch it ends starts as nothing."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def group_norm(channels):
     return nn.GroupNorm(min(32, channels // 4), channels)
 
@@ -428,8 +432,7 @@ class ResBlock(nn.Module):
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)
         self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))  # each block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
@@ -446,8 +449,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.norm = heads, group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.out.weight)
+        self.out = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -505,8 +507,7 @@ class DiffusionModel(nn.Module):
         self.middle = stage(ch[2], ch[3], res[3])
         self.up = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1) for i in range(3))
         self.decoder = nn.ModuleList(stage(2 * ch[i], ch[i], res[i]) for i in range(3))
-        self.head = nn.Sequential(group_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)
+        self.head = nn.Sequential(group_norm(ch[0]), nn.SiLU(), zero_init(nn.Conv2d(ch[0], 3, 3, padding=1)))
 
     def forward(self, x, t):
         emb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))
@@ -699,19 +700,19 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
         noise_gen.set_state(ckpt["noise_rng"].to("cpu"))
         history, step = ckpt["history"], ckpt["step"]
 
-    def checkpoint():
+    def checkpoint(step):
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(), step=step,
                      epoch=step // steps_per_epoch, history=history)
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
 
-    pending, tic, seen = [], time.perf_counter(), 0
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        order, flips = epoch_order(len(data), cfg.seed, epoch)
-        for i in range(i, steps_per_epoch):
+    pending, tic, seen, order = [], time.perf_counter(), 0, None
+    with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True) as bar:
+        for step in range(step + 1, total + 1):  # `step` counts the steps done
+            epoch, i = divmod(step - 1, steps_per_epoch)
+            if order is None or i == 0:
+                order, flips = epoch_order(len(data), cfg.seed, epoch)
             idx = order[i * batch:(i + 1) * batch]
             x0, _ = make_batch(faces, data.landmarks, idx, flips[idx] if cfg.augment else None, device)
             with autocast(device, dtype):
@@ -723,23 +724,23 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
             sched.step()
             ema.update_parameters(model)
             pending.append(loss.detach())
-            step, seen = step + 1, seen + len(idx)
-            if len(pending) == 10 or step % steps_per_epoch == 0:  # one host sync per 10 steps
+            seen += len(idx)
+            end_of_epoch = step % steps_per_epoch == 0
+            at_checkpoint = end_of_epoch or step % cfg.checkpoint_every == 0
+            if len(pending) == 10 or at_checkpoint:  # one host sync per 10 steps; checked before saving
                 losses = torch.stack(pending).tolist()
                 pending.clear()
                 if not all(map(math.isfinite, losses)):
-                    raise TrainingError(
-                        f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} may be too "
-                        f"high); the last good checkpoint is kept in {out_dir}")
+                    raise TrainingError(f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} "
+                                        f"may be too high); the last good checkpoint is kept in {out_dir}")
                 history["loss"] += losses
                 bar.update(len(losses))
-                rate = seen / (time.perf_counter() - tic)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.0f}", epoch=epoch + 1)
-            if step % steps_per_epoch == 0 and val_data is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1,
+                                img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+            if end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
-            if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
-                checkpoint()
-    bar.close()
+            if at_checkpoint:
+                checkpoint(step)
     return ema.module.eval(), history
 
 
@@ -796,6 +797,8 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     The time grid is `steps` timesteps evenly spaced from `t_start` to 0, and each sampler ends
     with a step to the clean image. `on_step(i, x, x0)` sees every intermediate state.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     steps = steps or SAMPLERS[sampler]
     device, size = model_device(model), model.config["image_size"]
     dtype = autocast_dtype(device, precision)
@@ -815,11 +818,9 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
             x = ddpm_step(x, x0, ab, ab_next, torch.randn(x.shape, device=device, generator=generator))
         elif sampler == "ddim":
             x = ddim_step(x0, eps, ab_next)
-        elif sampler == "dpm++":
+        else:
             x, h_prev = dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev)
             x0_prev = x0
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if on_step:
             on_step(i, x, x0)
     return x.clamp(-1, 1).contiguous()
@@ -867,7 +868,7 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0):
     recon = sample(model, len(x0), "ddim", steps=max(2, int(50 * strength)), x=noisy, t_start=t, progress=False)
     fig, axes = plt.subplots(3, 1, figsize=(1.1 * len(x0), 4))
     for ax, row, title in zip(axes, (x0, noisy, recon), ("real", f"noised (t = {t})", "denoised")):
-        ax.imshow(make_grid(to_unit(row), nrow=len(x0), padding=1).permute(1, 2, 0))
+        ax.imshow(make_grid(to_unit(row), nrow=len(x0), padding=1).permute(1, 2, 0).numpy())
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -885,6 +886,82 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, s
            on_step=lambda i, x, x0: frames.append(x.clamp(-1, 1)) if i in keep else None)
     grid = torch.stack(frames, 1).flatten(0, 1)  # row per sample, column per snapshot
     save_image(to_unit(grid), path, nrow=len(frames), padding=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: sliced Wasserstein distance of Laplacian-pyramid patches; memorisation
+# ----------------------------------------------------------------------------------------------
+
+def laplacian_pyramid(images, levels):
+    """Band-pass levels, finest first, and the coarsest Gaussian level last (Burt & Adelson 1983),
+    with the 5-tap binomial filter used by Karras et al. 2018."""
+    k = torch.tensor([1.0, 4, 6, 4, 1])
+    kernel = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5).to(images)
+    pyramid, g = [], images
+    for _ in range(levels - 1):
+        small = F.conv2d(F.pad(g, (2, 2, 2, 2), mode="reflect"), kernel, stride=2, groups=3)
+        up = F.conv_transpose2d(small, 4 * kernel, stride=2, padding=2, output_padding=1, groups=3)
+        pyramid.append(g - up)
+        g = small
+    return pyramid + [g]
+
+
+def patch_descriptors(level, per_image, generator):
+    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D)."""
+    patches = F.unfold(level, 7)  # (N, 3*49, positions)
+    pick = torch.randint(0, patches.shape[-1], (len(level), per_image), generator=generator)
+    desc = torch.gather(patches, 2, pick[:, None].expand(-1, patches.shape[1], -1))
+    desc = desc.transpose(1, 2).reshape(-1, 3, 49)
+    desc = (desc - desc.mean((0, 2), keepdim=True)) / desc.std((0, 2), keepdim=True).clamp_min(1e-8)
+    return desc.flatten(1)
+
+
+def sliced_wasserstein(a, b, generator, projections=512, repeats=4):
+    """Mean over random unit directions of the 1-D Wasserstein distance between projections."""
+    total = 0.0
+    for _ in range(repeats):
+        dirs = F.normalize(torch.randn(a.shape[1], projections, generator=generator), dim=0)
+        pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
+        total += (pa - pb).abs().mean().item()
+    return total / repeats
+
+
+def swd(images_a, images_b, seed=0, per_image=128, min_size=16):
+    """SWD x 1e3 per pyramid level (finest first) between two equal-size sets in [-1, 1]
+    (Karras et al. 2018, "Progressive Growing of GANs", appendix D)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = int(math.log2(images_a.shape[-1] // min_size)) + 1
+    pyr_a, pyr_b = laplacian_pyramid(images_a.float().cpu(), levels), laplacian_pyramid(images_b.float().cpu(), levels)
+    return [1e3 * sliced_wasserstein(patch_descriptors(la, per_image, g), patch_descriptors(lb, per_image, g), g)
+            for la, lb in zip(pyr_a, pyr_b)]
+
+
+def nearest_distance(queries, references, size=32):
+    """Mean L2 distance from each query to its nearest reference, at `size` px."""
+    def flat(x):
+        return F.interpolate(x.float().cpu(), size=size, mode="area").flatten(1)
+    q, r = flat(queries), flat(references)
+    return torch.cat([torch.cdist(chunk, r).min(1).values for chunk in q.split(256)]).mean().item()
+
+
+def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None, seed=0):
+    """Sample quality against held-out faces: SWD per level, the real-vs-real floor, memorisation.
+
+    Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size m = min(n, len(val)):
+    the floor compares the validation faces with as many training faces.
+    """
+    m = min(n, len(val_faces))
+    if len(train_faces) < m:
+        raise ValueError(f"need at least {m} training faces for the real-vs-real floor")
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    samples = sample(model, n, sampler, steps, generator=g).cpu()
+    val, train = to_model_range(val_faces[:m]), to_model_range(train_faces)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:m]
+    fake, floor = swd(samples[:m], val, seed), swd(train[order], val, seed)
+    memorisation = nearest_distance(samples, train) / nearest_distance(val, train)
+    return dict(n=n, m=m, sampler=sampler, steps=steps or SAMPLERS[sampler], swd=fake,
+                swd_mean=sum(fake) / len(fake), floor=floor, floor_mean=sum(floor) / len(floor),
+                memorisation=memorisation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -995,7 +1072,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
         "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,sample}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
     tr = commands.add_parser("train", help="train on a CAT-format folder (the default command)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("--data", type=Path, default=Path("data"),
@@ -1024,7 +1101,15 @@ def build_parser():
     sa.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
     sa.add_argument("--steps", type=positive_int, default=None,
                     help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
-    for p in (tr, sa):
+    ev = commands.add_parser("eval", help="measure sample quality against held-out faces",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
+    ev.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
+    ev.add_argument("-n", type=positive_int, default=1000, help="number of samples")
+    ev.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
+    ev.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the sampler's)")
+    ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    for p in (tr, sa, ev):
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
@@ -1035,7 +1120,7 @@ def build_parser():
 
 def parse_args(argv):
     argv = list(argv)
-    if not argv or argv[0] not in ("train", "sample", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "sample", "eval", "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1085,6 +1170,9 @@ def run_train(args):
     train_set = CatDataset(data_dir, args.image_size, split="train")
     val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
     print(f"{len(train_set)} training and {len(val_set)} validation faces from {data_dir}")
+    if len(train_set) == 0 or len(val_set) == 0:
+        train_set, val_set = CatDataset(data_dir, args.image_size, quiet=True), None
+        print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
@@ -1094,7 +1182,8 @@ def run_train(args):
     path = save_model(ema, args.name)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
-    plot_reconstructions(ema, torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]),
+    shown = val_set or train_set
+    plot_reconstructions(ema, torch.stack([shown[i][0] for i in range(min(8, len(shown)))]),
                          args.out / "reconstructions.png")
     g = torch.Generator(model_device(ema)).manual_seed(args.seed)
     save_image(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8, padding=1)
@@ -1113,10 +1202,29 @@ def run_sample(args):
     print(f"wrote {args.out / 'samples.png'} and {len(images)} single images in {args.out}")
 
 
+def run_eval(args):
+    model = load_model(None, args.model, pick_device(args.device))
+    size = model.config["image_size"]
+    train_set = CatDataset(args.data, size, split="train", quiet=True)
+    val_set = CatDataset(args.data, size, split="val", quiet=True)
+    r = evaluate(model, train_set.faces, val_set.faces, args.n, args.sampler, args.steps, args.seed)
+    levels = [f"{size >> i}px" for i in range(len(r["swd"]) - 1)] + ["low-pass"]
+    print(f"{args.model}: {r['n']} samples, {r['sampler']} {r['steps']} steps, against {r['m']} "
+          f"validation faces of {args.data}")
+    print(f"{'SWD x 1e3':<22}" + "".join(f"{lv:>10}" for lv in levels) + f"{'mean':>10}")
+    print(f"{'  samples vs real':<22}" + "".join(f"{v:10.2f}" for v in r["swd"]) + f"{r['swd_mean']:10.2f}")
+    print(f"{'  real vs real (floor)':<22}" + "".join(f"{v:10.2f}" for v in r["floor"]) + f"{r['floor_mean']:10.2f}")
+    print(f"SWD / floor: {r['swd_mean'] / r['floor_mean']:.2f}    memorisation ratio (nearest training "
+          f"face, samples / held-out real; well below 1 = copying): {r['memorisation']:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(r, model=str(args.model), data=str(args.data)), indent=2))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        {"train": run_train, "sample": run_sample}[args.command](args)
+        {"train": run_train, "sample": run_sample, "eval": run_eval}[args.command](args)
     except (CheckpointError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
 
