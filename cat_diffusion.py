@@ -12,6 +12,7 @@ save/load -> command line.
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -181,6 +182,8 @@ def _align_item(args):
         return "ok", face.numpy(), marks.numpy()
     except BadItem as e:
         return "bad", str(e), str(photo)
+    except Exception as e:  # noqa: BLE001 - bad data must never end a run with a traceback
+        return "bad", f"unusable ({type(e).__name__}: {e})".splitlines()[0][:120], str(photo)
 
 
 def align_all(pairs, size, min_face, workers=None):
@@ -205,29 +208,35 @@ def files_fingerprint(root, pairs, missing, size, min_face):
 
 
 def atomic_write(path, write):
-    """Write `path` via a temporary file in the same folder, fsync and rename: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` all or nothing: serialise in memory with `write(file)`, then a temporary file
+    in the same folder, fsync, rename. On failure (a full disk, say) the old file is untouched."""
+    path, buffer = Path(path), io.BytesIO()
+    write(buffer)  # serialised first, so that a full disk fails as a plain OSError below
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); "
+                               f"any earlier {path.name} is unchanged") from None
 
 
 def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
-    """Aligned faces under `root` as (uint8 (N, 3, S, S), float32 (N, 9, 2), relative names).
+    """Aligned faces under `root`: uint8 (N, 3, S, S), float32 (N, 9, 2) landmarks, their
+    relative names, and the skipped items as [reason, relative name] pairs.
 
     Served from one cache file per data folder and size (in `cache_dir`, default
     ~/.cache/cat_diffusion); rebuilt when anything in its key changes or it fails to load.
     """
-    root = Path(root).resolve()
+    root, tic, source = Path(root).resolve(), time.perf_counter(), "cache"
     pairs, missing = find_annotated_photos(root)
     key = files_fingerprint(root, pairs, missing, size, min_face)
     cache_dir = Path(cache_dir) if cache_dir else CACHE_DIR
@@ -241,7 +250,7 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
         if faces.shape != (len(names), 3, size, size) or marks.shape != (len(names), 9, 2):
             raise ValueError("inconsistent")
     except Exception:  # missing, stale, truncated or corrupt: rebuild, never trust
-        results = align_all(pairs, size, min_face)
+        source, results = "aligned", align_all(pairs, size, min_face)
         good = [(p, r) for (p, _), r in zip(pairs, results) if r[0] == "ok"]
         faces = torch.from_numpy(np.stack([r[1] for _, r in good])) if good else \
             torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -253,10 +262,12 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
         try:
             atomic_write(cache, lambda f: torch.save(payload, f))
         except OSError as e:
-            print(f"warning: could not write the face cache {cache}: {e}", file=sys.stderr)
+            print(f"warning: face cache not saved: {e.strerror}", file=sys.stderr)
     if not quiet:
+        print(f"{len(names)} faces of {root} at {size}px ({source}, {time.perf_counter() - tic:.1f} s; "
+              f"cache {cache}); {len(bad)} skipped", file=sys.stderr)
         report_bad_items(root, bad)
-    return faces, marks, names
+    return faces, marks, names, bad
 
 
 def report_bad_items(root, bad, show=3):
@@ -285,7 +296,8 @@ class CatDataset(torch.utils.data.Dataset):
 
     Photos are found at any depth (`CAT_00` ... `CAT_06`, one flat folder, or a folder of face
     crops), each with a `.cat` sidecar. Faces narrower than `min_face` (default 32) photo pixels are
-    dropped, as are unreadable items; each reason is reported once with a count.
+    dropped, as are unreadable items; each reason is reported once with a count, and
+    `skipped` lists them as [reason, relative path] pairs.
     `dataset[i]` is (image float (3, S, S) in [-1, 1], landmarks float (9, 2) in its pixels).
     `split` is None (all), "train" or "val" (`val_percent` of photo ids, chosen by hash).
     """
@@ -293,7 +305,7 @@ class CatDataset(torch.utils.data.Dataset):
     def __init__(self, image_dir, image_size=64, augment=False, min_face=MIN_FACE, split=None,
                  val_percent=5, cache_dir=None, quiet=False):
         self.image_dir, self.image_size, self.augment = Path(image_dir), image_size, augment
-        faces, marks, names = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
+        faces, marks, names, self.skipped = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
         if len(names) == 0:
             raise SystemExit(
                 f"error: no usable annotated cat photos in {self.image_dir.resolve()} (looked for "
@@ -421,7 +433,8 @@ def zero_init(layer):
 
 
 def group_norm(channels):
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    """GroupNorm with up to 32 groups of at least 4 channels, for any channel count."""
+    return nn.GroupNorm(math.gcd(min(32, max(1, channels // 4)), channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -577,7 +590,7 @@ ALPHA_BAR = cosine_alpha_bar()
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 50
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
     weight_decay: float = 0.0
@@ -688,6 +701,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
     alpha_bar = ALPHA_BAR.to(device)
     faces = data.faces.to(device)  # uint8: the whole set lives on the device, no per-step copies
     history, step = {"loss": [], "val": []}, 0
+    for stale in Path(out_dir).glob(".checkpoint.pt.*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
     if resume:
         ckpt = read_checkpoint(resume, want="training")
         if ckpt["model_config"] != model.config:
@@ -698,12 +713,14 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         noise_gen.set_state(ckpt["noise_rng"].to("cpu"))
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
         history, step = ckpt["history"], ckpt["step"]
 
     def checkpoint(step):
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                     scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(), step=step,
+                     scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
+                     torch_rng=torch.get_rng_state(), step=step,
                      epoch=step // steps_per_epoch, history=history)
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
 
@@ -834,6 +851,11 @@ def generate(model, n=64, steps=None, sampler="dpm++", seed=None):
     return ((sample(model, n, sampler, steps, generator=g) + 1) / 2).cpu()
 
 
+def write_png(images, path, nrow=8):
+    """A grid of images in [0, 1] as a PNG, written atomically."""
+    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=1))
+
+
 def to_unit(images):
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
@@ -854,7 +876,7 @@ def plot_loss(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return fig
 
 
@@ -872,7 +894,7 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return fig
 
 
@@ -885,7 +907,7 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, s
     sample(model, n, sampler, steps, generator=g, progress=False,
            on_step=lambda i, x, x0: frames.append(x.clamp(-1, 1)) if i in keep else None)
     grid = torch.stack(frames, 1).flatten(0, 1)  # row per sample, column per snapshot
-    save_image(to_unit(grid), path, nrow=len(frames), padding=1)
+    write_png(to_unit(grid), path, nrow=len(frames))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -962,6 +984,80 @@ def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None,
     return dict(n=n, m=m, sampler=sampler, steps=steps or SAMPLERS[sampler], swd=fake,
                 swd_mean=sum(fake) / len(fake), floor=floor, floor_mean=sum(floor) / len(floor),
                 memorisation=memorisation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: throughput, FLOPs, utilisation of the measured peak, memory
+# ----------------------------------------------------------------------------------------------
+
+def timed(fn, repeats, warmup=1, device=None):
+    """Seconds per call of `fn`, after `warmup` calls."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - tic) / repeats
+
+
+def peak_matmul_tflops(device, dtype, n=2048):
+    """The machine's dense matmul rate in `dtype`, measured: the roof for model FLOP utilisation."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, repeats=10, warmup=3, device=device) / 1e12
+
+
+def training_flops_per_image(model, device):
+    """Forward + backward FLOPs of one training image (convolutions and matmuls), counted."""
+    size = model.config["image_size"]
+    x, t = torch.randn(2, 3, size, size, device=device), torch.tensor([10, 500], device=device)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        model(x, t).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=3, dataset_size=10_000):
+    """Throughput figures for one config; sampling rates are per-step times scaled to each
+    sampler's default number of steps."""
+    import resource
+    dtype = autocast_dtype(device, precision)
+    model.to(device, memory_format=torch.channels_last).train()
+    size = model.config["image_size"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator(device).manual_seed(0)
+    faces = torch.randint(0, 256, (dataset_size, 3, size, size), dtype=torch.uint8, device=device)
+    marks = torch.zeros(dataset_size, 9, 2, device=device)
+    x0 = make_batch(faces, marks, torch.arange(batch_size), None, device)[0]
+    alpha_bar = ALPHA_BAR.to(device)
+
+    def train_step():
+        with autocast(device, dtype):
+            loss = diffusion_loss(model, x0, alpha_bar, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    train_rate = batch_size / timed(train_step, train_steps, warmup=2, device=device)
+    model.eval()
+    step_time = timed(lambda: sample(model, batch_size, "ddim", sample_steps, generator=g, precision=precision,
+                                     progress=False), 1, device=device) / sample_steps
+    order, flips = epoch_order(dataset_size, 0, 0)
+    loader_rate = dataset_size / timed(lambda: [make_batch(faces, marks, idx, flips[idx], device)
+                                                for idx in order.split(batch_size)], 1, warmup=0, device=device)
+    flops = training_flops_per_image(model, device)
+    peak = {p: peak_matmul_tflops(device, d) for p, d in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    achieved = flops * train_rate / 1e12
+    return dict(
+        device=str(device), precision="bf16" if dtype else "fp32", config=model.config, batch_size=batch_size,
+        parameters=sum(p.numel() for p in model.parameters()), train_images_per_s=train_rate,
+        sample_images_per_s={k: batch_size / (step_time * v) for k, v in SAMPLERS.items()},
+        loader_images_per_s=loader_rate, gflops_per_train_image=flops / 1e9, achieved_tflops=achieved,
+        peak_tflops=peak, utilisation=achieved / peak["bf16" if dtype else "fp32"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        torch=torch.__version__, threads=torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1072,7 +1168,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
         "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval,bench}")
     tr = commands.add_parser("train", help="train on a CAT-format folder (the default command)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("--data", type=Path, default=Path("data"),
@@ -1087,7 +1183,7 @@ def build_parser():
     tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
     tr.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
-    tr.add_argument("--synthetic-count", type=positive_int, default=2000,
+    tr.add_argument("--synthetic-count", type=positive_int, default=700,
                     help="photos in the synthetic set drawn when there is no data")
     tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
                     help="steps between checkpoints (one is also written after every epoch)")
@@ -1109,7 +1205,14 @@ def build_parser():
     ev.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
     ev.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the sampler's)")
     ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    for p in (tr, sa, ev):
+    be = commands.add_parser("bench", help="measure training and sampling speed",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    be.add_argument("--image-size", type=image_size_arg, default=64)
+    be.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
+    be.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
+    be.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    be.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    for p in (tr, sa, ev, be):
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
@@ -1120,7 +1223,7 @@ def build_parser():
 
 def parse_args(argv):
     argv = list(argv)
-    if not argv or argv[0] not in ("train", "sample", "eval", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "sample", "eval", "bench", "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1186,7 +1289,7 @@ def run_train(args):
     plot_reconstructions(ema, torch.stack([shown[i][0] for i in range(min(8, len(shown)))]),
                          args.out / "reconstructions.png")
     g = torch.Generator(model_device(ema)).manual_seed(args.seed)
-    save_image(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8, padding=1)
+    write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
     finish_figures(args.out, ["loss_curve.png", "reconstructions.png", "samples.png", "denoising.png"])
 
@@ -1196,9 +1299,9 @@ def run_sample(args):
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision))
     args.out.mkdir(parents=True, exist_ok=True)
-    save_image(images, args.out / "samples.png", nrow=8, padding=1)
+    write_png(images, args.out / "samples.png", nrow=8)
     for i, image in enumerate(images):
-        save_image(image, args.out / f"sample_{i:04d}.png")
+        write_png(image, args.out / f"sample_{i:04d}.png")
     print(f"wrote {args.out / 'samples.png'} and {len(images)} single images in {args.out}")
 
 
@@ -1221,12 +1324,37 @@ def run_eval(args):
         args.json.write_text(json.dumps(dict(r, model=str(args.model), data=str(args.data)), indent=2))
 
 
+def run_bench(args):
+    torch.manual_seed(args.seed)
+    model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
+    r = benchmark(model, args.batch_size, pick_device(args.device), args.precision)
+    rows = [("device / precision", f"{r['device']} ({r['threads']} threads) / {r['precision']}, torch {r['torch']}"),
+            ("model", f"{r['parameters'] / 1e6:.2f} M parameters, {args.image_size}px, width {args.width}, "
+                      f"blocks {args.blocks}, batch {r['batch_size']}"),
+            ("training", f"{r['train_images_per_s']:.1f} images/s"),
+            *((f"sampling, {k} {SAMPLERS[k]} steps", f"{v:.2f} images/s") for k, v in r["sample_images_per_s"].items()),
+            ("cached data loader", f"{r['loader_images_per_s']:.0f} images/s "
+                                   f"({r['loader_images_per_s'] / r['train_images_per_s']:.0f}x training)"),
+            ("FLOPs per training image", f"{r['gflops_per_train_image']:.2f} GFLOP (forward + backward)"),
+            ("achieved", f"{r['achieved_tflops']:.3f} TFLOP/s"),
+            ("measured matmul peak", f"bf16 {r['peak_tflops']['bf16']:.2f}, fp32 {r['peak_tflops']['fp32']:.2f} TFLOP/s"),
+            ("model FLOP utilisation", f"{100 * r['utilisation']:.1f}% of the {r['precision']} peak"),
+            ("peak RSS", f"{r['peak_rss_mb']:.0f} MB")]
+    for name, value in rows:
+        print(f"{name:<28} {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        {"train": run_train, "sample": run_sample, "eval": run_eval}[args.command](args)
+        {"train": run_train, "sample": run_sample, "eval": run_eval, "bench": run_bench}[args.command](args)
     except (CheckpointError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk, a read-only folder: say so in one line
+        raise SystemExit(f"error: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""Crashes, full disks and damaged files: training survives SIGKILL at any moment, a failed write
+never replaces a good file, and no corruption of the input files makes loading raise."""
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cat_diffusion as cd
+from conftest import ROOT
+
+TINY = ["--epochs", "4", "--image-size", "16", "--width", "8", "--batch-size", "4",
+        "--checkpoint-every", "1", "--precision", "fp32", "--seed", "3"]
+
+
+# The real script, with fsync slowed down so that a kill can land inside a checkpoint write.
+HARNESS = """import os, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import cat_diffusion
+real_fsync = os.fsync
+os.fsync = lambda fd: (time.sleep(0.05), real_fsync(fd))[1]
+cat_diffusion.main(sys.argv[1:])
+"""
+
+
+def run_training(data, out, cache, *extra, wait=True):
+    cmd = [sys.executable, "-c", HARNESS, str(ROOT), "train", "--data", str(data), "--out", str(out),
+           "--name", str(out / "Model"), *TINY, *extra]
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env.pop("DISPLAY", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    return proc
+
+
+def kill_when(proc, ready, timeout=120):
+    """SIGKILL `proc` as soon as `ready()` holds (polled every millisecond)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_any_moment_never_loses_the_run(tmp_path):
+    data = cd.write_synthetic_dataset(tmp_path / "data", count=24, seed=0)
+    cache = tmp_path / "cache"
+    reference = tmp_path / "reference"
+    run_training(data, reference, cache)
+    expected = torch.load(reference / "checkpoint.pt", weights_only=True)["history"]["loss"]
+    total = len(expected)
+
+    out = tmp_path / "killed"
+    ckpt = out / "checkpoint.pt"
+    rng = random.Random(0)
+    kills, during_write = 0, 0
+    while True:
+        resume = ["--resume"] if ckpt.exists() else []
+        proc = run_training(data, out, cache, *resume, wait=False)
+        step_before = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else 0
+        if kills < 6 and step_before < total - 3:
+            if kills % 2 == 0:  # while a checkpoint is being written
+                def ready():
+                    return any(out.glob(".checkpoint.pt.*.tmp"))
+                during_write += 1
+            else:  # at a random moment after the next checkpoint or two
+                target = step_before + rng.randint(1, 2)
+
+                def ready():
+                    try:
+                        return torch.load(ckpt, weights_only=True)["step"] >= target
+                    except Exception:  # noqa: BLE001 - being replaced; poll again
+                        return False
+            kill_when(proc, ready)
+            kills += 1
+            for stale in out.glob(".checkpoint.pt.*.tmp"):  # the killed write's leftovers
+                stale.unlink()
+            if not ckpt.exists():  # killed while writing the very first checkpoint
+                assert step_before == 0
+                continue
+            state = cd.read_checkpoint(ckpt, want="training")  # the newest checkpoint always loads
+            assert state["step"] >= step_before
+            assert len(state["history"]["loss"]) == state["step"]
+            assert state["history"]["loss"] == pytest.approx(expected[:state["step"]], rel=1e-6, abs=1e-7)
+            continue
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        break
+    assert kills >= 5 and during_write >= 3
+    final = torch.load(ckpt, weights_only=True)
+    assert final["history"]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    a, b = cd.load_model(None, out / "Model"), cd.load_model(None, reference / "Model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    model = cd.DiffusionModel(16, 8)
+    cd.save_model(model, path)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cd.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left on device.*model.pth is unchanged"):
+        cd.save_model(cd.DiffusionModel(16, 16), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind
+
+
+def test_full_disk_during_training_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    data = cd.write_synthetic_dataset(tmp_path / "data", count=12, seed=0)
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) > 3:  # the face cache and two checkpoints fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cd.os, "fsync", fsync_until_full)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cd.main(["train", "--data", str(data), "--out", str(out), "--name", str(tmp_path / "M"), *TINY])
+    assert "No space left on device" in str(e.value) and "checkpoint.pt is unchanged" in str(e.value)
+    assert cd.read_checkpoint(out / "checkpoint.pt", want="training")["step"] == 2
+
+
+def corrupt(path, rng):
+    """One random kind of damage to a photo or its .cat file; returns a label."""
+    kind = rng.choice(["truncate", "flip bytes", "random cat", "swap", "zero cat", "garbage photo"])
+    cat = Path(f"{path}.cat")
+    if kind == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: rng.randrange(len(data))])
+    elif kind == "flip bytes":
+        data = bytearray(path.read_bytes())
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+    elif kind == "random cat":
+        tokens = [rng.choice(["9", "-3", "1e9", "x", "", "nan", "2.5", str(rng.randint(-999, 999))])
+                  for _ in range(rng.randint(0, 30))]
+        cat.write_text(" ".join(tokens))
+    elif kind == "swap":  # the photo's bytes in the .cat file and the other way round
+        photo_bytes, cat_bytes = path.read_bytes(), cat.read_bytes()
+        path.write_bytes(cat_bytes)
+        cat.write_bytes(photo_bytes)
+    elif kind == "zero cat":
+        cat.write_bytes(bytes(rng.randrange(64)))
+    else:
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 400))))
+    return kind
+
+
+def test_fuzzed_files_never_raise_and_every_bad_file_is_reported(tmp_path, capsys):
+    source = cd.write_synthetic_dataset(tmp_path / "source", count=20, seed=2)
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    rng = random.Random(1234)
+    originals = sorted(source.glob("*.jpg"))
+    damaged = {}
+    for i in range(240):
+        src = originals[i % len(originals)]
+        dst = folder / f"{i:08d}_001.jpg"
+        shutil.copy(src, dst)
+        shutil.copy(f"{src}.cat", f"{dst}.cat")
+        damaged[dst.name] = corrupt(dst, rng)
+    for src in originals:  # untouched copies must still load
+        shutil.copy(src, folder / src.name)
+        shutil.copy(f"{src}.cat", folder / f"{src.name}.cat")
+    ds = cd.CatDataset(folder, 16, min_face=1)
+    loaded = {Path(n).name for n in ds.names}
+    skipped = {Path(p).name: reason for reason, p in ds.skipped}
+    assert {p.name for p in originals} <= loaded
+    assert not loaded & set(skipped)
+    assert loaded | set(skipped) == set(damaged) | {p.name for p in originals}
+    assert len(skipped) >= 150  # most damage is caught; byte flips may still decode
+    assert all(reason for reason in skipped.values())
+    assert torch.isfinite(ds.landmarks).all()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    reasons = {r for r, _ in ds.skipped}
+    assert len([line for line in err.splitlines() if line.startswith("skipped ")]) == len(reasons)
+    kinds = {damaged[name] for name in skipped}
+    assert {"truncate", "random cat", "swap", "garbage photo"} <= kinds
+    assert np.isfinite(ds.faces.float().numpy()).all()
