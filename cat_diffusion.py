@@ -2,12 +2,14 @@
 
     python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
+    python cat_diffusion.py eval --data DIR     # sample quality against held-out faces
+    python cat_diffusion.py bench               # training and sampling speed
 
     >>> from cat_diffusion import DiffusionModel, load_model
     >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
 
 Sections, in data-flow order: data -> model -> diffusion -> training -> sampling and plots ->
-save/load -> command line.
+evaluation -> benchmark -> save/load -> command line.
 """
 import argparse
 import dataclasses
@@ -561,6 +563,9 @@ def v_target(x0, alpha_bar_t, eps):
 
     Why v: its MSE weights x0-errors by SNR + 1, so it stays finite and informative at both ends
     of the cosine schedule, where eps-prediction turns ill-posed at high noise (SNR -> 0).
+    Measured on the real faces (3 epochs, default model, eval -n 361): SWD 77.9 for v against
+    89.6 for eps with min-SNR-5 weighting, whose coarsest level (global colour and layout) was
+    twice as far off (115 vs 62).
     """
     return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
 
