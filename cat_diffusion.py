@@ -56,7 +56,7 @@ LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 2", "left
 # right ear 3 (outer base) and the tips (2) swap with each other.
 FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-ALIGN_VERSION = 1  # bump when alignment output changes: it is part of the cache key
+ALIGN_VERSION = 2  # bump when alignment output changes: it is part of the cache key
 MIN_FACE = 32  # faces whose box is narrower than this many photo pixels are dropped
 UMASK = os.umask(0o22)
 os.umask(UMASK)
@@ -141,14 +141,17 @@ def align_face(image, points, size, min_face=MIN_FACE):
     cos, sin = math.cos(angle), math.sin(angle)
     level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
     width = abs(level[8, 0] - level[3, 0])
+    height, photo_width = image.shape[-2:]
     if width < min_face:
         raise BadItem(f"face box under {min_face} px")
+    if width > 2 * max(height, photo_width) or not (-photo_width < center[0] < 2 * photo_width
+                                                   and -height < center[1] < 2 * height):
+        raise BadItem("landmarks far outside the photo")  # a slip of the annotator, not a face
     # The box's corners in photo pixels give the region to keep, with a margin for interpolation.
     box = np.array([[-0.5, -0.4], [0.5, -0.4], [-0.5, 0.6], [0.5, 0.6]]) * width
     corners = center + box @ np.array([[cos, sin], [-sin, cos]])
     x0, y0 = np.floor(corners.min(0)).astype(int) - 2
     x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
-    height, photo_width = image.shape[-2:]
     pad = [max(0, -x0), max(0, -y0), max(0, x1 - photo_width), max(0, y1 - height)]
     mode = "reflect" if max(pad[0], pad[2]) < photo_width and max(pad[1], pad[3]) < height else "edge"
     face = tv_tensors.Image(image)
@@ -402,7 +405,7 @@ def draw_synthetic_cat(rng, photo_size=(256, 192)):
     return photo, (np.asarray(place(marks)) / scale)
 
 
-def write_synthetic_dataset(folder, count=2000, seed=0):
+def write_synthetic_dataset(folder, count=700, seed=0):
     """A deterministic synthetic dataset in the CAT format: NNNNNNNN_000.jpg + .jpg.cat pairs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -668,10 +671,11 @@ def epoch_order(n, seed, epoch):
 
 
 def make_batch(faces, landmarks, idx, flips, device):
-    x0, marks = to_model_range(faces[idx]), landmarks[idx].clone()
-    if flips is not None and flips.any():
+    """Faces `idx` as a model-ready batch in [-1, 1] with their landmarks, `flips` mirrored."""
+    x0, marks = to_model_range(faces[idx].to(device)), landmarks[idx].to(device)
+    if flips is not None:
         x0[flips], marks[flips] = flip_faces(x0[flips], marks[flips])
-    return x0.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), marks.to(device)
+    return x0.contiguous(memory_format=torch.channels_last), marks
 
 
 @torch.no_grad()
@@ -704,7 +708,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
     noise_gen = torch.Generator(device).manual_seed(cfg.seed)
     alpha_bar = ALPHA_BAR.to(device)
-    faces = data.faces.to(device)  # uint8: the whole set lives on the device, no per-step copies
+    # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
+    faces, landmarks = data.faces.to(device), data.landmarks.to(device)
     history, step = {"loss": [], "val": []}, 0
     for stale in Path(out_dir).glob(".checkpoint.pt.*.tmp"):  # left by a run killed mid-write
         stale.unlink()
@@ -734,9 +739,9 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
         for step in range(step + 1, total + 1):  # `step` counts the steps done
             epoch, i = divmod(step - 1, steps_per_epoch)
             if order is None or i == 0:
-                order, flips = epoch_order(len(data), cfg.seed, epoch)
+                order, flips = (t.to(device) for t in epoch_order(len(data), cfg.seed, epoch))
             idx = order[i * batch:(i + 1) * batch]
-            x0, _ = make_batch(faces, data.landmarks, idx, flips[idx] if cfg.augment else None, device)
+            x0, _ = make_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, device)
             with autocast(device, dtype):
                 loss = diffusion_loss(model, x0, alpha_bar, noise_gen)
             opt.zero_grad(set_to_none=True)

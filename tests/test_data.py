@@ -124,6 +124,10 @@ def test_degenerate_and_tiny_faces_are_rejected_with_reasons():
     with pytest.raises(cd.BadItem, match="face box under 32 px"):
         cd.align_face(as_tensor(photo), tiny, S)
     cd.align_face(as_tensor(photo), tiny, S, min_face=1)  # the threshold is configurable
+    far = marks.copy()
+    far[8, 0] = 1e9  # a typo in a .cat file must not make a billion-pixel pad
+    with pytest.raises(cd.BadItem, match="far outside the photo"):
+        cd.align_face(as_tensor(photo), far, S)
 
 
 # ---- flips ------------------------------------------------------------------------------------
