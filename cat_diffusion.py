@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
@@ -1023,7 +1024,7 @@ def training_flops_per_image(model, device):
     """Forward + backward FLOPs of one training image (convolutions and matmuls), counted."""
     size = model.config["image_size"]
     x, t = torch.randn(2, 3, size, size, device=device), torch.tensor([10, 500], device=device)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model(x, t).square().mean().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2

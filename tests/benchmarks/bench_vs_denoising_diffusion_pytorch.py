@@ -10,11 +10,10 @@ Contenders, timed in alternating rounds at the same batch size and 64x64:
   default     our DiffusionModel() as `python cat_diffusion.py` trains it.
 Sampling is timed per denoising step and scaled to each contender's default sampler (reference:
 DDIM 50; ours: DPM-Solver++ 20). Peak RSS comes from a fresh child process per contender doing the
-same training steps, since one process's peak covers everything it ever ran.
+same training steps, since one process's peak covers everything it ever ran (Linux only).
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -94,7 +93,9 @@ def main():
         _, train_step, _, _ = CONTENDERS[args.child](args.batch_size)
         for _ in range(args.steps + 1):
             train_step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking parent.
+        status = Path("/proc/self/status").read_text()
+        print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024)
         return
     try:
         import denoising_diffusion_pytorch  # noqa: F401
