@@ -1163,6 +1163,13 @@ def positive_float(text):
     return value
 
 
+def decay_arg(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
@@ -1190,7 +1197,8 @@ def build_parser():
     tr.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
     tr.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
     tr.add_argument("--warmup-steps", type=positive_int, default=TrainConfig.warmup_steps)
-    tr.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    tr.add_argument("--ema-decay", type=decay_arg, default=TrainConfig.ema_decay,
+                    help="EMA decay of the sampling weights (warmed up from 0.1)")
     tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
     tr.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")

@@ -232,6 +232,7 @@ def test_sample_command_is_reproducible_for_a_seed(tmp_path):
     (["train", "--batch-size", "0"], "--batch-size"),
     (["--image-size", "20"], "--image-size"),
     (["--lr", "nan"], "--lr"),
+    (["--ema-decay", "1.5"], "--ema-decay"),
     (["train", "--data", "no-such-folder"], "--data"),
     (["train", "--resume", "no-such-checkpoint.pt"], "--resume"),
     (["sample", "--model", "no-such-model.pth"], "--model"),
