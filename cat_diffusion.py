@@ -1192,11 +1192,12 @@ def build_parser():
     tr.add_argument("--data", type=Path, default=Path("data"),
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
-    tr.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
+    tr.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs, help="passes over the training faces")
     tr.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
-    tr.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    tr.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="faces per step")
     tr.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
-    tr.add_argument("--warmup-steps", type=positive_int, default=TrainConfig.warmup_steps)
+    tr.add_argument("--warmup-steps", type=positive_int, default=TrainConfig.warmup_steps,
+                    help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
     tr.add_argument("--ema-decay", type=decay_arg, default=TrainConfig.ema_decay,
                     help="EMA decay of the sampling weights (warmed up from 0.1)")
     tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
@@ -1207,7 +1208,7 @@ def build_parser():
     tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
                     help="steps between checkpoints (one is also written after every epoch)")
     tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue from a checkpoint (default: OUT/checkpoint.pt)")
+                    help="continue from a checkpoint; without PATH, OUT/checkpoint.pt")
     tr.add_argument("--name", default="DiffusionModel", help="the final weights go to NAME.pth")
     sa = commands.add_parser("sample", help="generate faces with a trained model",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1226,17 +1227,17 @@ def build_parser():
     ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     be = commands.add_parser("bench", help="measure training and sampling speed",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    be.add_argument("--image-size", type=image_size_arg, default=64)
+    be.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
     be.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
     be.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
-    be.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    be.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="faces per step")
     be.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     for p in (tr, sa, ev, be):
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for pictures")
+        p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+        p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for pictures and checkpoints")
     return parser
 
 
