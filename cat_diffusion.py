@@ -1214,7 +1214,8 @@ def build_parser():
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sa.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
     sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
-    sa.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
+    sa.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
+                    help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
     sa.add_argument("--steps", type=positive_int, default=None,
                     help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
     ev = commands.add_parser("eval", help="measure sample quality against held-out faces",
@@ -1222,7 +1223,8 @@ def build_parser():
     ev.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
     ev.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
     ev.add_argument("-n", type=positive_int, default=1000, help="number of samples")
-    ev.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++")
+    ev.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
+                    help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
     ev.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the sampler's)")
     ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     be = commands.add_parser("bench", help="measure training and sampling speed",
