@@ -817,13 +817,27 @@ def dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev):
     return sigma_ratio * x - ab_next.sqrt() * torch.expm1(-h) * d, h
 
 
+def time_grid(sampler, steps, t_start=T - 1):
+    """Timesteps from `t_start` down to 0: evenly spaced in t for DDPM and DDIM, evenly spaced in
+    log-SNR for DPM-Solver++ (Lu et al. 2022, section 3.3), starting at lambda = -6 at the latest
+    so that no steps are spent on near-pure noise; repeated timesteps are dropped. Measured on the
+    cat faces (eval -n 128): DPM++ 10 steps SWD 74 with even t, 37 with even log-SNR."""
+    if sampler != "dpm++":
+        return torch.linspace(t_start, 0, steps).round().long()
+    lam = half_log_snr(ALPHA_BAR.double())
+    targets = torch.linspace(max(float(lam[t_start]), -6.0), float(lam[0]), steps, dtype=torch.float64)
+    ts = (lam[None] - targets[:, None]).abs().argmin(1)
+    ts[0] = t_start
+    return torch.unique_consecutive(ts)
+
+
 @torch.no_grad()
 def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, generator=None,
            precision="auto", on_step=None, progress=True):
     """Generate `n` images in [-1, 1] from noise `x` at step `t_start` (pure noise by default).
 
-    The time grid is `steps` timesteps evenly spaced from `t_start` to 0, and each sampler ends
-    with a step to the clean image. `on_step(i, x, x0)` sees every intermediate state.
+    The time grid runs from `t_start` to 0 (see `time_grid`), and each sampler ends with a step
+    to the clean image. `on_step(i, x, x0)` sees every intermediate state.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -833,7 +847,8 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     if x is None:
         x = torch.randn(n, 3, size, size, device=device, generator=generator)
     x = x.to(device, memory_format=torch.channels_last)
-    ts = torch.linspace(t_start, 0, steps, device=device).round().long()
+    ts = time_grid(sampler, steps, t_start).to(device)
+    steps = len(ts)
     alpha_bar = ALPHA_BAR.to(device)[ts]
     alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
     x0_prev = h_prev = None
@@ -911,14 +926,13 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0):
 
 def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, seed=0):
     """A few samples from noise to image: the state x at evenly spaced steps, then the result."""
-    steps = steps or SAMPLERS[sampler]
-    keep = set(np.linspace(0, steps - 1, snapshots).round().astype(int).tolist())
-    frames = []
+    states = []
     g = torch.Generator(model_device(model)).manual_seed(seed)
     sample(model, n, sampler, steps, generator=g, progress=False,
-           on_step=lambda i, x, x0: frames.append(x.clamp(-1, 1)) if i in keep else None)
-    grid = torch.stack(frames, 1).flatten(0, 1)  # row per sample, column per snapshot
-    write_png(to_unit(grid), path, nrow=len(frames))
+           on_step=lambda i, x, x0: states.append(x.clamp(-1, 1).cpu()))
+    keep = np.linspace(0, len(states) - 1, snapshots).round().astype(int)
+    grid = torch.stack([states[i] for i in keep], 1).flatten(0, 1)  # row per sample, column per snapshot
+    write_png(to_unit(grid), path, nrow=len(keep))
 
 
 # ----------------------------------------------------------------------------------------------
