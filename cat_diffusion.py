@@ -874,7 +874,7 @@ def generate(model, n=64, steps=None, sampler="dpm++", seed=None):
     g = torch.Generator(model_device(model))
     g.manual_seed(seed) if seed is not None else g.seed()
     model.eval()
-    return ((sample(model, n, sampler, steps, generator=g) + 1) / 2).cpu()
+    return to_unit(sample(model, n, sampler, steps, generator=g))
 
 
 def write_png(images, path, nrow=8):
