@@ -954,23 +954,23 @@ def laplacian_pyramid(images, levels):
 
 
 def patch_descriptors(level, per_image, generator):
-    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D)."""
-    patches = F.unfold(level, 7)  # (N, 3*49, positions)
-    pick = torch.randint(0, patches.shape[-1], (len(level), per_image), generator=generator)
-    desc = torch.gather(patches, 2, pick[:, None].expand(-1, patches.shape[1], -1))
-    desc = desc.transpose(1, 2).reshape(-1, 3, 49)
+    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D).
+    Patches are gathered at their positions, not unfolded everywhere: 1,000 images' metrics in seconds."""
+    n, c, h, w = level.shape
+    y = torch.randint(0, h - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)[:, None]
+    x = torch.randint(0, w - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)
+    desc = level.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None, None], y, x]  # (n, per_image, 7, 7, c)
+    desc = desc.permute(0, 1, 4, 2, 3).reshape(-1, c, 49)
     desc = (desc - desc.mean((0, 2), keepdim=True)) / desc.std((0, 2), keepdim=True).clamp_min(1e-8)
     return desc.flatten(1)
 
 
-def sliced_wasserstein(a, b, generator, projections=512, repeats=4):
-    """Mean over random unit directions of the 1-D Wasserstein distance between projections."""
-    total = 0.0
-    for _ in range(repeats):
-        dirs = F.normalize(torch.randn(a.shape[1], projections, generator=generator), dim=0)
-        pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
-        total += (pa - pb).abs().mean().item()
-    return total / repeats
+def sliced_wasserstein(a, b, generator, projections=512):
+    """Mean over random unit directions of the 1-D Wasserstein distance between projections
+    (projections sorted along rows: sorting is the cost)."""
+    dirs = F.normalize(torch.randn(projections, a.shape[1], generator=generator), dim=1)
+    pa, pb = (dirs @ a.T).sort(1).values, (dirs @ b.T).sort(1).values
+    return (pa - pb).abs().mean().item()
 
 
 def swd(images_a, images_b, seed=0, per_image=128, min_size=16):
