@@ -12,8 +12,10 @@ Sections, in data-flow order: data -> model -> diffusion -> training -> sampling
 evaluation -> benchmark -> save/load -> command line.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -29,6 +31,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -37,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import draw_keypoints, make_grid, save_image
 from tqdm import tqdm
 
 HAS_DISPLAY = sys.platform in ("darwin", "win32") or bool(
@@ -124,6 +127,28 @@ def read_photo(path):
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
 
 
+def face_frame(points):
+    """The face's eye midpoint, tilt (radians) and box width (outer ear bases) from its landmarks."""
+    left_eye, right_eye = points[0], points[1]
+    dx, dy = right_eye - left_eye
+    if math.hypot(dx, dy) < 1:
+        raise BadItem("degenerate landmarks (eyes on the same point)")
+    angle = math.atan2(dy, dx)
+    center = (left_eye + right_eye) / 2
+    cos, sin = math.cos(angle), math.sin(angle)
+    level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
+    return center, angle, abs(level[8, 0] - level[3, 0])
+
+
+def align_landmarks(points, size):
+    """Where `align_face` puts a face's landmarks, from the points alone: for a .cat file without
+    its photo (a photo's landmarks, or already a face crop's)."""
+    center, angle, width = face_frame(points)
+    cos, sin = math.cos(angle), math.sin(angle)
+    level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
+    return torch.from_numpy((level / width + np.float32([0.5, 0.4])) * size).float()
+
+
 def align_face(image, points, size, min_face=MIN_FACE):
     """Cut the face out of a photo the established way for this dataset.
 
@@ -133,15 +158,8 @@ def align_face(image, points, size, min_face=MIN_FACE):
     then an antialiased bicubic resize to `size`. Landmarks travel with the pixels as KeyPoints.
     Returns (uint8 (3, size, size), float32 (9, 2) landmarks in output pixels).
     """
-    left_eye, right_eye = points[0], points[1]
-    dx, dy = right_eye - left_eye
-    if math.hypot(dx, dy) < 1:
-        raise BadItem("degenerate landmarks (eyes on the same point)")
-    angle = math.atan2(dy, dx)
-    center = (left_eye + right_eye) / 2
+    center, angle, width = face_frame(points)
     cos, sin = math.cos(angle), math.sin(angle)
-    level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
-    width = abs(level[8, 0] - level[3, 0])
     height, photo_width = image.shape[-2:]
     if width < min_face:
         raise BadItem(f"face box under {min_face} px")
@@ -493,6 +511,14 @@ class Stage(nn.Module):
         return x
 
 
+def landmark_heatmaps(landmarks, size):
+    """Landmarks (B, 9, 2) in [0, 1] face coordinates -> (B, 9, size, size) Gaussian bumps of
+    sigma 1/32 face; NaN landmarks (no condition) give empty maps."""
+    centers = (torch.arange(size, device=landmarks.device) + 0.5) / size
+    bumps = torch.exp(-(centers - landmarks[..., None]) ** 2 * (32 ** 2 / 2)).nan_to_num(0)  # (B, 9, 2, size)
+    return bumps[:, :, 1, :, None] * bumps[:, :, 0, None, :]
+
+
 class DiffusionModel(nn.Module):
     """Noise-conditioned convolutional encoder-decoder: `model(x_t, t)` predicts v (see `v_target`).
 
@@ -500,10 +526,14 @@ class DiffusionModel(nn.Module):
     back up with transposed convolutions, concatenating the encoder's features at each resolution.
     Self-attention runs at resolutions <= `attention_below`. Width: `base_channels` times
     `channel_mults` per resolution; depth: `blocks` residual blocks per stage.
+
+    With `landmarks=True`, `model(x_t, t, landmarks)` also sees the 9 landmarks ((B, 9, 2) in [0, 1]
+    face coordinates; NaN or None: unconditional) as heatmap channels beside the image. Measured
+    against embedding them into the time embedding: see `LANDMARK_CONDITIONING`.
     """
 
     def __init__(self, image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), blocks=1,
-                 attention_below=8, dropout=0.0):
+                 attention_below=8, dropout=0.0, landmarks=False):
         super().__init__()
         if image_size % 8:
             raise ValueError(f"image_size must be divisible by 8 (three halvings), got {image_size}")
@@ -511,12 +541,12 @@ class DiffusionModel(nn.Module):
             raise ValueError("channel_mults needs 4 entries: three encoder stages and the middle")
         self.config = dict(image_size=image_size, base_channels=base_channels,
                            channel_mults=list(channel_mults), blocks=blocks,
-                           attention_below=attention_below, dropout=dropout)
+                           attention_below=attention_below, dropout=dropout, landmarks=landmarks)
         ch = [base_channels * m for m in channel_mults]
         res = [image_size >> i for i in range(4)]
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.stem = nn.Conv2d(3 + 9 * landmarks, ch[0], 3, padding=1)
 
         def stage(c_in, c_out, r):
             return Stage(c_in, c_out, blocks, emb_dim, dropout, attention=r <= attention_below)
@@ -528,8 +558,12 @@ class DiffusionModel(nn.Module):
         self.decoder = nn.ModuleList(stage(2 * ch[i], ch[i], res[i]) for i in range(3))
         self.head = nn.Sequential(group_norm(ch[0]), nn.SiLU(), zero_init(nn.Conv2d(ch[0], 3, 3, padding=1)))
 
-    def forward(self, x, t):
+    def forward(self, x, t, landmarks=None):
         emb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))
+        if self.config["landmarks"]:
+            if landmarks is None:
+                landmarks = x.new_full((len(x), 9, 2), math.nan)
+            x = torch.cat([x, landmark_heatmaps(landmarks.float(), x.shape[-1]).to(x.dtype)], dim=1)
         h, skips = self.stem(x), []
         for stage, down in zip(self.encoder, self.down):
             h = stage(h, emb)
@@ -580,12 +614,17 @@ def predict_x0_eps(v, x_t, alpha_bar_t):
     return a * x_t - s * v, s * x_t + a * v
 
 
-def diffusion_loss(model, x0, alpha_bar, generator):
-    """MSE between predicted and true v at uniformly drawn t (Ho et al. 2020, algorithm 1)."""
-    t = torch.randint(0, len(alpha_bar), (x0.shape[0],), device=x0.device, generator=generator)
+def draw_noise(x0, generator):
+    """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1)."""
+    t = torch.randint(0, T, (len(x0),), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last)
+    return t, eps
+
+
+def diffusion_loss(model, x0, t, eps, alpha_bar, landmarks=None):
+    """MSE between the predicted and the true v of x_t."""
     ab = alpha_bar[t][:, None, None, None]
-    v_pred = model(q_sample(x0, ab, eps), t)
+    v_pred = model(q_sample(x0, ab, eps), t, landmarks)
     return F.mse_loss(v_pred.float(), v_target(x0, ab, eps))
 
 
@@ -610,6 +649,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp32
     checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
+    grad_accum: int = 1  # micro-batches per step; batch_size is the global batch per step
+    landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
 
 
 class TrainingError(Exception):
@@ -619,7 +660,20 @@ class TrainingError(Exception):
 def pick_device(name="auto"):
     if name != "auto":
         return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one GPU per process
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def cpu_has_fast_bf16():
@@ -685,10 +739,11 @@ def validation_loss(model, dataset, device, dtype, batch_size=64):
     g = torch.Generator(device).manual_seed(1234)
     alpha_bar, total = ALPHA_BAR.to(device), 0.0
     for i in range(0, len(dataset), batch_size):
-        x0, _ = make_batch(dataset.faces, dataset.landmarks, torch.arange(i, min(i + batch_size, len(dataset))),
-                           None, device)
+        x0, marks = make_batch(dataset.faces, dataset.landmarks, torch.arange(i, min(i + batch_size, len(dataset))),
+                               None, device)
+        cond = marks / x0.shape[-1] if model.config["landmarks"] else None
         with autocast(device, dtype):
-            total += diffusion_loss(model, x0, alpha_bar, g).item() * len(x0)
+            total += diffusion_loss(model, x0, *draw_noise(x0, g), alpha_bar, cond).item() * len(x0)
     return total / len(dataset)
 
 
@@ -696,24 +751,35 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
     """Train `model` on `data` (a CatDataset); returns (ema_model, history).
 
     Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps and after every epoch;
-    `resume` (a checkpoint path) continues that run exactly where it stopped.
+    `resume` (a checkpoint path) continues that run exactly where it stopped. Under torchrun each
+    of the N processes computes 1/N of every global batch (DistributedDataParallel averages the
+    gradients) and rank 0 alone writes; the result matches a single process up to float rounding.
     """
+    rank, world = rank_and_world()
     device = pick_device(cfg.device)
     dtype = autocast_dtype(device, cfg.precision)
     model.to(device, memory_format=torch.channels_last).train()
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = make_ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(data))
+    if batch % (world * cfg.grad_accum):
+        raise TrainingError(f"batch size {batch} does not split into {world} processes x "
+                            f"{cfg.grad_accum} accumulation steps")
+    micro = batch // (world * cfg.grad_accum)
     steps_per_epoch = len(data) // batch
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
+    # Every rank draws the whole batch's noise from one generator and uses its share, so the
+    # numbers seen do not depend on the number of processes.
     noise_gen = torch.Generator(device).manual_seed(cfg.seed)
     alpha_bar = ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
     history, step = {"loss": [], "val": []}, 0
-    for stale in Path(out_dir).glob(".checkpoint.pt.*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
+    if rank == 0:
+        for stale in Path(out_dir).glob(".checkpoint.pt.*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
     if resume:
         ckpt = read_checkpoint(resume, want="training")
         if ckpt["model_config"] != model.config:
@@ -736,28 +802,44 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
 
     pending, tic, seen, order = [], time.perf_counter(), 0, None
-    with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
         for step in range(step + 1, total + 1):  # `step` counts the steps done
             epoch, i = divmod(step - 1, steps_per_epoch)
             if order is None or i == 0:
                 order, flips = (t.to(device) for t in epoch_order(len(data), cfg.seed, epoch))
             idx = order[i * batch:(i + 1) * batch]
-            x0, _ = make_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, device)
-            with autocast(device, dtype):
-                loss = diffusion_loss(model, x0, alpha_bar, noise_gen)
+            x0, marks = make_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, device)
+            t, eps = draw_noise(x0, noise_gen)
+            cond = None
+            if model.config["landmarks"]:  # condition dropout: one model, with and without landmarks
+                dropped = torch.rand(len(x0), device=device, generator=noise_gen) < cfg.landmark_dropout
+                cond = torch.where(dropped[:, None, None], math.nan, marks / x0.shape[-1])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
+            for k, part in enumerate(mine.split(micro)):
+                last = k == cfg.grad_accum - 1  # gradients are averaged over ranks on the last micro-step only
+                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with autocast(device, dtype):
+                        micro_loss = diffusion_loss(net, x0[part], t[part], eps[part], alpha_bar,
+                                                    None if cond is None else cond[part]) / cfg.grad_accum
+                    micro_loss.backward()
+                loss += micro_loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             ema.update_parameters(model)
-            pending.append(loss.detach())
+            pending.append(loss)
             seen += len(idx)
             end_of_epoch = step % steps_per_epoch == 0
             at_checkpoint = end_of_epoch or step % cfg.checkpoint_every == 0
             if len(pending) == 10 or at_checkpoint:  # one host sync per 10 steps; checked before saving
-                losses = torch.stack(pending).tolist()
+                losses = torch.stack(pending)
                 pending.clear()
+                if world > 1:  # every rank sees the global mean, so all stop together on a NaN
+                    dist.all_reduce(losses)
+                    losses /= world
+                losses = losses.tolist()
                 if not all(map(math.isfinite, losses)):
                     raise TrainingError(f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} "
                                         f"may be too high); the last good checkpoint is kept in {out_dir}")
@@ -765,10 +847,12 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
                 bar.update(len(losses))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1,
                                 img_s=f"{seen / (time.perf_counter() - tic):.0f}")
-            if end_of_epoch and val_data is not None:
+            if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
-            if at_checkpoint:
+            if rank == 0 and at_checkpoint:
                 checkpoint(step)
+            if at_checkpoint:
+                barrier()
     return ema.module.eval(), history
 
 
@@ -777,16 +861,25 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
 # ----------------------------------------------------------------------------------------------
 
 SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}  # name -> default number of steps
+GUIDANCE = 2.0  # classifier-free guidance scale for landmark models, measured: see README
 
 
 def model_device(model):
     return next(model.parameters()).device
 
 
-def denoise(model, x, t, ab, dtype):
-    """The model's clean-image estimate x0 (clipped to [-1, 1]) and the eps consistent with it."""
+def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
+    """The model's clean-image estimate x0 (clipped to [-1, 1]) and the eps consistent with it.
+    With landmarks and guidance w != 1: classifier-free guidance, v = v_u + w (v_c - v_u)
+    (Ho & Salimans 2022), both predictions from one batch."""
     with autocast(x.device, dtype):
-        v = model(x, t.expand(len(x))).float()
+        if landmarks is None or guidance == 1:
+            v = model(x, t.expand(len(x)), landmarks).float()
+        else:
+            both = model(torch.cat([x, x]), t.expand(2 * len(x)),
+                         torch.cat([landmarks, torch.full_like(landmarks, math.nan)]))
+            v_cond, v_uncond = both.float().chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
     x0 = predict_x0_eps(v, x, ab)[0].clamp(-1, 1)
     return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
@@ -833,11 +926,12 @@ def time_grid(sampler, steps, t_start=T - 1):
 
 @torch.no_grad()
 def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, generator=None,
-           precision="auto", on_step=None, progress=True):
+           precision="auto", on_step=None, progress=True, landmarks=None, guidance=1.0):
     """Generate `n` images in [-1, 1] from noise `x` at step `t_start` (pure noise by default).
 
     The time grid runs from `t_start` to 0 (see `time_grid`), and each sampler ends with a step
-    to the clean image. `on_step(i, x, x0)` sees every intermediate state.
+    to the clean image. `on_step(i, x, x0)` sees every intermediate state. A landmark model takes
+    `landmarks` ((9, 2) or (n, 9, 2) in [0, 1] face coordinates) with `guidance` (see `denoise`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -847,6 +941,10 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     if x is None:
         x = torch.randn(n, 3, size, size, device=device, generator=generator)
     x = x.to(device, memory_format=torch.channels_last)
+    if landmarks is not None:
+        if not model.config["landmarks"]:
+            raise ValueError("this model was trained without landmarks (train with --landmarks)")
+        landmarks = landmarks.float().to(device).expand(len(x), 9, 2)
     ts = time_grid(sampler, steps, t_start).to(device)
     steps = len(ts)
     alpha_bar = ALPHA_BAR.to(device)[ts]
@@ -854,7 +952,7 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     x0_prev = h_prev = None
     for i in tqdm(range(steps), desc=f"sampling ({sampler})", unit="step", disable=not progress, leave=False):
         ab, ab_next = alpha_bar[i], alpha_bar_next[i]
-        x0, eps = denoise(model, x, ts[i], ab, dtype)
+        x0, eps = denoise(model, x, ts[i], ab, dtype, landmarks, guidance)
         if i == steps - 1:
             x = x0  # every sampler's last step lands on its clean estimate (alpha_bar = 1)
         elif sampler == "ddpm":
@@ -882,6 +980,21 @@ def write_png(images, path, nrow=8):
     atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=1))
 
 
+def write_gif(images, path, ms_per_frame=150):
+    """Images in [0, 1] as a looping GIF that plays forwards then backwards, written atomically."""
+    frames = [Image.fromarray(im.mul(255).round().byte().permute(1, 2, 0).numpy()) for im in images]
+    frames += frames[-2:0:-1]
+    atomic_write(path, lambda f: frames[0].save(f, format="gif", save_all=True, append_images=frames[1:],
+                                                duration=ms_per_frame, loop=0))
+
+
+def draw_landmarks(images, landmarks):
+    """Images in [0, 1] with their landmarks (pixels; one set for all, or one per image) as red dots."""
+    uint8 = images.mul(255).round().byte()
+    marks = landmarks.expand(len(images), 9, 2)
+    return torch.stack([draw_keypoints(im, m[None], colors="red", radius=1) for im, m in zip(uint8, marks)]) / 255
+
+
 def to_unit(images):
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
@@ -906,17 +1019,15 @@ def plot_loss(history, path):
     return fig
 
 
-def plot_reconstructions(model, images, path, strength=0.5, seed=0):
+def plot_reconstructions(model, images, path, strength=0.5, seed=0, landmarks=None):
     """Real faces, the same faces noised to `strength` of the schedule, and the model's DDIM
-    reconstructions from there."""
+    reconstructions from there (`sdedit`)."""
     g = torch.Generator(model_device(model)).manual_seed(seed)
-    x0 = images.to(model_device(model))
-    t = int(strength * (T - 1))
-    noisy = q_sample(x0, ALPHA_BAR[t].to(x0.device), torch.randn(x0.shape, device=x0.device, generator=g))
-    recon = sample(model, len(x0), "ddim", steps=max(2, int(50 * strength)), x=noisy, t_start=t, progress=False)
-    fig, axes = plt.subplots(3, 1, figsize=(1.1 * len(x0), 4))
-    for ax, row, title in zip(axes, (x0, noisy, recon), ("real", f"noised (t = {t})", "denoised")):
-        ax.imshow(make_grid(to_unit(row), nrow=len(x0), padding=1).permute(1, 2, 0).numpy())
+    noisy, recon = sdedit(model, images, strength, g, landmarks)
+    fig, axes = plt.subplots(3, 1, figsize=(1.1 * len(images), 4))
+    titles = ("real", f"noised (t = {round(strength * (T - 1))})", "denoised")
+    for ax, row, title in zip(axes, (images, noisy, recon), titles):
+        ax.imshow(make_grid(to_unit(row), nrow=len(images), padding=1).permute(1, 2, 0).numpy())
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -933,6 +1044,125 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, s
     keep = np.linspace(0, len(states) - 1, snapshots).round().astype(int)
     grid = torch.stack([states[i] for i in keep], 1).flatten(0, 1)  # row per sample, column per snapshot
     write_png(to_unit(grid), path, nrow=len(keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing real faces: SDEdit, DDIM inversion, interpolation, inpainting
+# ----------------------------------------------------------------------------------------------
+
+def face_of_photo(photo, size):
+    """A photo and its .cat sidecar -> (aligned face uint8 (3, S, S), its landmarks in pixels)."""
+    photo = Path(photo)
+    cat = next((c for c in (Path(f"{photo}.cat"), photo.with_suffix(".cat")) if c.is_file()), None)
+    try:
+        if cat is None:
+            raise BadItem(f"no landmarks: expected {photo.name}.cat beside it")
+        return align_face(read_photo(photo), parse_cat_file(cat), size, min_face=1)
+    except BadItem as e:
+        raise BadItem(f"{photo}: {e}") from None
+
+
+def sdedit(model, faces, strength, generator, landmarks=None, steps=50):
+    """Noise faces ([-1, 1]) to `strength` of the schedule and denoise them with DDIM (Meng et al.
+    2022, SDEdit): low strength keeps the face, high strength keeps only its broad layout.
+    Returns (noised, denoised)."""
+    t = round(strength * (T - 1))
+    faces = faces.to(model_device(model))
+    x = q_sample(faces, ALPHA_BAR[t].to(faces.device), torch.randn(faces.shape, generator=generator, device=faces.device))
+    return x, sample(model, len(faces), "ddim", max(2, round(steps * strength)), x=x, t_start=t,
+                     landmarks=landmarks, progress=False)
+
+
+@torch.no_grad()
+def invert(model, faces, steps=50, landmarks=None, precision="auto"):
+    """DDIM inversion (Song et al. 2021, section 4.3): the deterministic sampler's steps run
+    backwards, from clean faces to the noise that `sample(..., "ddim", steps, x=noise)` maps back
+    onto them."""
+    device = model_device(model)
+    dtype = autocast_dtype(device, precision)
+    ts = time_grid("ddim", steps).flip(0).to(device)
+    alpha_bar = ALPHA_BAR.to(device)[ts]
+    x = faces.to(device, memory_format=torch.channels_last)
+    if landmarks is not None:
+        landmarks = landmarks.float().to(device).expand(len(x), 9, 2)
+    for i in range(len(ts) - 1):
+        x0, eps = denoise(model, x, ts[i], alpha_bar[i], dtype, landmarks)
+        x = ddim_step(x0, eps, alpha_bar[i + 1])
+    return x
+
+
+def slerp(a, b, w):
+    """Spherical interpolation: keeps the norm a Gaussian noise image has, unlike a straight line."""
+    omega = torch.arccos(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1))
+    return (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)
+
+
+def interpolate(model, face_a, face_b, frames=8, steps=50, landmarks_a=None, landmarks_b=None):
+    """`frames` faces from a to b: DDIM-invert both, slerp the noises (and lerp the landmarks), sample."""
+    noise = invert(model, torch.stack([face_a, face_b]), steps,
+                   None if landmarks_a is None else torch.stack([landmarks_a, landmarks_b]))
+    w = torch.linspace(0, 1, frames)
+    x = torch.stack([slerp(noise[0], noise[1], float(wi)) for wi in w])
+    marks = None if landmarks_a is None else torch.lerp(landmarks_a, landmarks_b, w[:, None, None].to(landmarks_a))
+    return sample(model, frames, "ddim", steps, x=x, landmarks=marks, progress=False)
+
+
+def region_mask(landmarks, size, region):
+    """Boolean (size, size) mask of a face region from its landmarks (pixels): "eyes", "ears",
+    "mouth", or a box "box:x0,y0,x1,y1" in face pixels."""
+    canvas = Image.new("L", (size, size))
+    draw = ImageDraw.Draw(canvas)
+    p = [tuple(xy) for xy in landmarks.tolist()]
+    iod = math.dist(p[0], p[1])  # inter-ocular distance sets the scale
+    if region.startswith("box:"):
+        draw.rectangle([float(v) for v in region[4:].split(",")], fill=1)
+    elif region in ("eyes", "mouth"):
+        r = 0.3 * iod if region == "eyes" else 0.45 * iod
+        for x, y in (p[:2] if region == "eyes" else p[2:3]):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=1)
+    elif region == "ears":
+        for ear in (p[3:6], p[6:9]):
+            draw.polygon(ear, fill=1, outline=1, width=max(1, round(0.3 * iod)))
+    else:
+        raise ValueError(f"unknown region {region!r}: use eyes, ears, mouth or box:x0,y0,x1,y1")
+    return torch.from_numpy(np.array(canvas) > 0)
+
+
+@torch.no_grad()
+def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landmarks=None, precision="auto"):
+    """`n` versions of `face` ([-1, 1], (3, S, S)) regenerated where `mask` is True, identical
+    elsewhere (RePaint, Lugmayr et al. 2022): a DDPM chain whose known part is the real face noised
+    to each step, every step redone `resample` times by re-noising so the two parts agree."""
+    device = model_device(model)
+    dtype = autocast_dtype(device, precision)
+    face, keep = face.to(device).expand(n, -1, -1, -1), ~mask.to(device)
+    ts = time_grid("ddpm", steps).to(device)
+    alpha_bar = ALPHA_BAR.to(device)[ts]
+    alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
+    if landmarks is not None:
+        landmarks = landmarks.float().to(device).expand(n, 9, 2)
+
+    def noise():
+        return torch.randn(face.shape, device=device, generator=generator)
+
+    x = noise()
+    for i in tqdm(range(len(ts)), desc="inpainting", unit="step", leave=False):
+        ab, ab_next = alpha_bar[i], alpha_bar_next[i]
+        for r in range(resample if i < len(ts) - 1 else 1):
+            x = torch.where(keep, q_sample(face, ab, noise()), x)
+            x0, _ = denoise(model, x, ts[i], ab, dtype, landmarks)
+            if i == len(ts) - 1:
+                x = x0
+            else:
+                x = ddpm_step(x, x0, ab, ab_next, noise())
+                if r < resample - 1:  # back to step i: x_t ~ q(x_t | x_s)
+                    x = (ab / ab_next).sqrt() * x + (1 - ab / ab_next).sqrt() * noise()
+    return torch.where(keep, face, x.clamp(-1, 1))
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
+    return (10 * torch.log10(4 / F.mse_loss(a.float().cpu(), b.float().cpu()))).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1011,6 +1241,79 @@ def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None,
                 memorisation=memorisation)
 
 
+class LandmarkNet(nn.Module):
+    """A small CNN that finds the 9 landmarks in an aligned face ([-1, 1] images -> (B, 9, 2) in
+    [0, 1] face coordinates): the judge of whether landmark-guided samples follow their landmarks."""
+
+    def __init__(self, image_size=64, width=32):
+        super().__init__()
+        self.config = dict(image_size=image_size, width=width)
+        layers, c = [], 3
+        for i in range(4):  # four halvings, then a linear read-out that keeps where features are
+            layers += [nn.Conv2d(c, width << i, 3, stride=2, padding=1), group_norm(width << i), nn.SiLU(),
+                       nn.Conv2d(width << i, width << i, 3, padding=1), group_norm(width << i), nn.SiLU()]
+            c = width << i
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(c * (image_size // 16) ** 2, 18)
+
+    def forward(self, x):
+        return self.head(self.features(x)).view(-1, 9, 2) + 0.5
+
+
+def landmark_error(net, images, landmarks, batch_size=256):
+    """Mean distance in pixels between the landmarks `net` finds in `images` ([-1, 1]) and `landmarks`
+    (pixels of the same images)."""
+    device, dtype = model_device(net), autocast_dtype(model_device(net))
+    net.eval()
+    found = []
+    with torch.no_grad(), autocast(device, dtype):
+        for chunk in images.split(batch_size):
+            found.append(net(chunk.to(device, memory_format=torch.channels_last)).float().cpu())
+    return ((torch.cat(found) * images.shape[-1] - landmarks.cpu()).norm(dim=-1)).mean().item()
+
+
+def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0, device="auto"):
+    """Train `net` on `data` (a CatDataset, flipped at random) with an L1 loss; returns the
+    validation error in pixels after each epoch."""
+    device = pick_device(device)
+    dtype = autocast_dtype(device)
+    net.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    batch_size = min(batch_size, len(data))
+    steps_per_epoch = len(data) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    errors = []
+    for epoch in tqdm(range(epochs), desc="landmark net", unit="epoch"):
+        net.train()
+        order, flips = epoch_order(len(data), seed, epoch)
+        for idx in order[:steps_per_epoch * batch_size].split(batch_size):
+            x, marks = make_batch(data.faces, data.landmarks, idx, flips[idx], device)
+            with autocast(device, dtype):
+                loss = F.l1_loss(net(x).float(), marks / x.shape[-1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        errors.append(landmark_error(net, to_model_range(val_data.faces), val_data.landmarks))
+    return errors
+
+
+def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler="dpm++", steps=None,
+                       guidance=1.0, seed=0):
+    """The landmark net's mean error (pixels) on held-out real faces, on samples conditioned on those
+    faces' landmarks (against the requested landmarks), and on unconditional samples (against the
+    same landmarks): conditioning works when the middle one is near the first and far below the last."""
+    m = min(n, len(val_faces))
+    marks = val_landmarks[:m]
+    cond = marks / model.config["image_size"]
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    conditioned = sample(model, m, sampler, steps, generator=g, landmarks=cond, guidance=guidance)
+    unconditional = sample(model, m, sampler, steps, generator=g)
+    return dict(n=m, guidance=guidance, real=landmark_error(net, to_model_range(val_faces[:m]), marks),
+                conditioned=landmark_error(net, conditioned, marks),
+                unconditional=landmark_error(net, unconditional, marks))
+
+
 # ----------------------------------------------------------------------------------------------
 # Benchmark: throughput, FLOPs, utilisation of the measured peak, memory
 # ----------------------------------------------------------------------------------------------
@@ -1060,7 +1363,7 @@ def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=
 
     def train_step():
         with autocast(device, dtype):
-            loss = diffusion_loss(model, x0, alpha_bar, g)
+            loss = diffusion_loss(model, x0, *draw_noise(x0, g), alpha_bar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1099,10 +1402,11 @@ def model_path(name):
 
 
 def save_model(model, name):
-    """Write `name.pth` atomically: {"config": model.config, "state_dict": weights}."""
+    """Write `name.pth` atomically: {"class": "DiffusionModel", "config": model.config, "state_dict": weights}."""
     path = model_path(name)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save({"kind": "model", "config": model.config, "state_dict": state}, f))
+    atomic_write(path, lambda f: torch.save({"kind": "model", "class": type(model).__name__,
+                                             "config": model.config, "state_dict": state}, f))
     return path
 
 
@@ -1127,6 +1431,9 @@ def read_checkpoint(path, want="model"):
     return ckpt
 
 
+MODEL_CLASSES = {cls.__name__: cls for cls in (DiffusionModel, LandmarkNet)}
+
+
 def load_model(model, name, device="cpu"):
     """Load `name.pth` (a saved model, or a training checkpoint's EMA weights) into `model`.
 
@@ -1135,9 +1442,15 @@ def load_model(model, name, device="cpu"):
     """
     path = model_path(name) if Path(name).suffix != ".pt" else Path(name)
     ckpt = read_checkpoint(path)
-    config = ckpt["config"] if ckpt["kind"] == "model" else ckpt["model_config"]
+    cls = MODEL_CLASSES.get(ckpt.get("class", "DiffusionModel"))
+    if cls is None:
+        raise CheckpointError(f"{path}: holds an unknown model class {ckpt['class']!r}")
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    config = {**defaults, **(ckpt["config"] if ckpt["kind"] == "model" else ckpt["model_config"])}
     if model is None:
-        model = DiffusionModel(**config)
+        model = cls(**config)
+    elif type(model) is not cls:
+        raise CheckpointError(f"{path}: holds a {cls.__name__}, not a {type(model).__name__}")
     if model.config != config:
         diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in model.config.items()
                          if config.get(k) != v)
@@ -1184,6 +1497,25 @@ def decay_arg(text):
     return value
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def region_arg(text):
+    if text in ("eyes", "ears", "mouth"):
+        return text
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.removeprefix("box:").split(","))
+        if text.startswith("box:") and x0 < x1 and y0 < y1:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be eyes, ears, mouth or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
+
+
 def existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
@@ -1200,7 +1532,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
         "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     tr = commands.add_parser("train", help="train on a CAT-format folder (the default command)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("--data", type=Path, default=Path("data"),
@@ -1217,6 +1549,12 @@ def build_parser():
     tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
     tr.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    tr.add_argument("--landmarks", action="store_true",
+                    help="condition on the 9 landmarks (dropped for 15%% of faces, so the model also "
+                         "samples without them): enables sample --landmarks/--like and --guidance")
+    tr.add_argument("--grad-accum", type=positive_int, default=1, metavar="K",
+                    help="split each batch into K micro-batches (same result, less memory); "
+                         "--batch-size stays the global batch per step")
     tr.add_argument("--synthetic-count", type=positive_int, default=700,
                     help="photos in the synthetic set drawn when there is no data")
     tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
@@ -1232,6 +1570,12 @@ def build_parser():
                     help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
     sa.add_argument("--steps", type=positive_int, default=None,
                     help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
+    layout = sa.add_mutually_exclusive_group()
+    layout.add_argument("--landmarks", type=existing_file, metavar="FILE.cat",
+                        help="cats with this face layout: a .cat file of a photo or a face crop "
+                             "(a model trained with --landmarks)")
+    layout.add_argument("--like", type=existing_file, metavar="PHOTO",
+                        help="cats with the face layout of PHOTO (its .cat file beside it)")
     ev = commands.add_parser("eval", help="measure sample quality against held-out faces",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
@@ -1241,6 +1585,37 @@ def build_parser():
                     help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
     ev.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the sampler's)")
     ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    ev.add_argument("--landmark-net", type=existing_file, default=None, metavar="PATH",
+                    help="with a landmark model: also measure how well samples follow their landmarks, "
+                         "with this net from fit-landmarks")
+    for p in (sa, ev):
+        p.add_argument("--guidance", type=positive_float, default=GUIDANCE,
+                       help="classifier-free guidance scale for landmark models (1: none)")
+    rc = commands.add_parser("reconstruct", help="noise a real face and denoise it (SDEdit), or invert it",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
+    rc.add_argument("--strength", type=fraction, default=0.5, help="how far to noise: 0 none, 1 pure noise")
+    rc.add_argument("--invert", action="store_true",
+                    help="DDIM inversion instead: the noise that DDIM maps back onto the face")
+    ip = commands.add_parser("interpolate", help="morph between two real faces through the model's noise space",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ip.add_argument("photos", type=existing_file, nargs=2, metavar="PHOTO", help="two photos with .cat files")
+    ip.add_argument("--frames", type=positive_int, default=8, help="faces in the strip and the GIF")
+    inp = commands.add_parser("inpaint", help="regenerate a region of a real face, keeping the rest exactly",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inp.add_argument("photo", type=existing_file, help="a photo with its .cat file")
+    inp.add_argument("--region", required=True, type=region_arg, metavar="REGION",
+                    help="eyes, ears, mouth, or box:x0,y0,x1,y1 in the aligned face's pixels")
+    inp.add_argument("-n", type=positive_int, default=8, help="number of versions")
+    for p in (rc, ip, inp):
+        p.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
+        p.add_argument("--steps", type=positive_int, default=50, help="DDIM (DDPM for inpaint) steps")
+    fl = commands.add_parser("fit-landmarks", help="train the landmark net that eval uses to check "
+                             "landmark-guided samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
+    fl.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
+    fl.add_argument("--epochs", type=positive_int, default=15, help="passes over the training faces")
+    fl.add_argument("--name", default="LandmarkNet", help="the weights go to NAME.pth")
     be = commands.add_parser("bench", help="measure training and sampling speed",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     be.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
@@ -1248,7 +1623,7 @@ def build_parser():
     be.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
     be.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="faces per step")
     be.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    for p in (tr, sa, ev, be):
+    for p in (tr, sa, ev, rc, ip, inp, fl, be):
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
@@ -1259,7 +1634,7 @@ def build_parser():
 
 def parse_args(argv):
     argv = list(argv)
-    if not argv or argv[0] not in ("train", "sample", "eval", "bench", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1312,37 +1687,116 @@ def run_train(args):
     if len(train_set) == 0 or len(val_set) == 0:
         train_set, val_set = CatDataset(data_dir, args.image_size, quiet=True), None
         print("too few photo ids to hold some out: training on all faces, no validation loss")
-    model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
+    model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
-                      device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every)
+                      device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
+                      grad_accum=args.grad_accum)
     args.out.mkdir(parents=True, exist_ok=True)
     ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume)
     path = save_model(ema, args.name)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
     shown = val_set or train_set
-    plot_reconstructions(ema, torch.stack([shown[i][0] for i in range(min(8, len(shown)))]),
-                         args.out / "reconstructions.png")
+    k = min(8, len(shown))
+    plot_reconstructions(ema, to_model_range(shown.faces[:k]), args.out / "reconstructions.png",
+                         landmarks=shown.landmarks[:k] / args.image_size if args.landmarks else None)
     g = torch.Generator(model_device(ema)).manual_seed(args.seed)
     write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
     finish_figures(args.out, ["loss_curve.png", "reconstructions.png", "samples.png", "denoising.png"])
 
 
+def load_diffusion_model(path, device):
+    model = load_model(None, path, pick_device(device))
+    if not isinstance(model, DiffusionModel):
+        raise CheckpointError(f"{path}: holds a {type(model).__name__}, not a DiffusionModel")
+    return model
+
+
+def landmarks_of(model, photo):
+    """A photo's aligned landmarks in pixels, and normalised for a landmark model (None otherwise)."""
+    size = model.config["image_size"]
+    face, marks = face_of_photo(photo, size)
+    return face, marks, marks / size if model.config["landmarks"] else None
+
+
 def run_sample(args):
-    model = load_model(None, args.model, pick_device(args.device))
+    model = load_diffusion_model(args.model, args.device)
+    size, layout = model.config["image_size"], args.landmarks or args.like
+    marks = None
+    if layout:
+        if not model.config["landmarks"]:
+            raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
+                                  f"to use --landmarks/--like")
+        cat = layout if args.landmarks else next((c for c in (Path(f"{layout}.cat"), layout.with_suffix(".cat"))
+                                                  if c.is_file()), None)
+        if cat is None:
+            raise BadItem(f"{layout}: no landmarks: expected {layout.name}.cat beside it")
+        try:
+            marks = align_landmarks(parse_cat_file(cat), size)
+        except BadItem as e:
+            raise BadItem(f"{cat}: {e}") from None
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
-    images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision))
+    images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision,
+                            landmarks=None if marks is None else marks / size, guidance=args.guidance))
     args.out.mkdir(parents=True, exist_ok=True)
     write_png(images, args.out / "samples.png", nrow=8)
     for i, image in enumerate(images):
         write_png(image, args.out / f"sample_{i:04d}.png")
-    print(f"wrote {args.out / 'samples.png'} and {len(images)} single images in {args.out}")
+    written = [args.out / "samples.png"]
+    if marks is not None:
+        write_png(draw_landmarks(images, marks), args.out / "samples_landmarks.png", nrow=8)
+        written.append(args.out / "samples_landmarks.png")
+    print(f"wrote {' and '.join(map(str, written))} and {len(images)} single images in {args.out}")
+
+
+def run_reconstruct(args):
+    model = load_diffusion_model(args.model, args.device)
+    face, _, cond = landmarks_of(model, args.photo)
+    x0 = to_model_range(face)[None].to(model_device(model))
+    if args.invert:
+        middle = invert(model, x0, args.steps, cond, args.precision)
+        result = sample(model, 1, "ddim", args.steps, x=middle, landmarks=cond, precision=args.precision,
+                        progress=False)
+        what = f"DDIM inversion and back, {args.steps} steps"
+    else:
+        middle, result = sdedit(model, x0, args.strength, torch.Generator(x0.device).manual_seed(args.seed), cond,
+                                args.steps)
+        what = f"SDEdit from strength {args.strength}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "reconstruct.png"
+    write_png(to_unit(torch.cat([x0, middle.clamp(-1, 1), result])), path, nrow=3)
+    print(f"{args.photo}: {what}: PSNR {psnr(result, x0):.2f} dB; wrote {path} (face, noise, result)")
+
+
+def run_interpolate(args):
+    model = load_diffusion_model(args.model, args.device)
+    (face_a, _, cond_a), (face_b, _, cond_b) = (landmarks_of(model, p) for p in args.photos)
+    faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
+                        cond_a, cond_b)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_png(to_unit(faces), args.out / "interpolation.png", nrow=args.frames)
+    write_gif(to_unit(faces), args.out / "interpolation.gif")
+    print(f"wrote {args.out / 'interpolation.png'} and {args.out / 'interpolation.gif'}")
+
+
+def run_inpaint(args):
+    model = load_diffusion_model(args.model, args.device)
+    face, marks, cond = landmarks_of(model, args.photo)
+    mask = region_mask(marks, model.config["image_size"], args.region)
+    g = torch.Generator(model_device(model)).manual_seed(args.seed)
+    x0 = to_model_range(face)
+    results = inpaint(model, x0, mask, args.n, args.steps, generator=g, landmarks=cond, precision=args.precision)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "inpaint.png"
+    shown = torch.cat([x0[None], torch.where(mask, 0.0, x0)[None], results.cpu()])
+    write_png(to_unit(shown), path, nrow=len(shown))
+    print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
 
 
 def run_eval(args):
-    model = load_model(None, args.model, pick_device(args.device))
+    model = load_diffusion_model(args.model, args.device)
     size = model.config["image_size"]
     train_set = CatDataset(args.data, size, split="train", quiet=True)
     val_set = CatDataset(args.data, size, split="val", quiet=True)
@@ -1355,9 +1809,31 @@ def run_eval(args):
     print(f"{'  real vs real (floor)':<22}" + "".join(f"{v:10.2f}" for v in r["floor"]) + f"{r['floor_mean']:10.2f}")
     print(f"SWD / floor: {r['swd_mean'] / r['floor_mean']:.2f}    memorisation ratio (nearest training "
           f"face, samples / held-out real; well below 1 = copying): {r['memorisation']:.3f}")
+    if args.landmark_net:
+        if not model.config["landmarks"]:
+            raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
+        net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
+        r["landmarks"] = lm = evaluate_landmarks(model, net, val_set.faces, val_set.landmarks, args.n, args.sampler,
+                                                 args.steps, args.guidance, args.seed)
+        print(f"landmark error (mean px at {size}px, {lm['n']} faces, {args.landmark_net}): real faces "
+              f"{lm['real']:.2f}; samples conditioned on them (guidance {lm['guidance']}) {lm['conditioned']:.2f} "
+              f"({lm['conditioned'] / lm['real']:.2f}x real); unconditional samples {lm['unconditional']:.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(r, model=str(args.model), data=str(args.data)), indent=2))
+
+
+def run_fit_landmarks(args):
+    torch.manual_seed(args.seed)
+    train_set = CatDataset(args.data, args.image_size, split="train", quiet=True)
+    val_set = CatDataset(args.data, args.image_size, split="val", quiet=True)
+    if len(val_set) == 0:
+        raise SystemExit(f"error: {args.data} has too few photo ids to hold some out for validation")
+    net = LandmarkNet(args.image_size)
+    errors = fit_landmarks(net, train_set, val_set, args.epochs, seed=args.seed, device=args.device)
+    path = save_model(net, args.name)
+    print(f"saved {path}: mean landmark error on {len(val_set)} validation faces {errors[-1]:.2f} px "
+          f"at {args.image_size}px (per epoch: {', '.join(f'{e:.2f}' for e in errors)})")
 
 
 def run_bench(args):
@@ -1386,12 +1862,16 @@ def run_bench(args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        {"train": run_train, "sample": run_sample, "eval": run_eval, "bench": run_bench}[args.command](args)
-    except (CheckpointError, TrainingError) as e:
+        COMMANDS[args.command](args)
+    except (CheckpointError, TrainingError, BadItem) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a full disk, a read-only folder: say so in one line
         raise SystemExit(f"error: {e.strerror or e}") from None
 
+
+COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "reconstruct": run_reconstruct,
+            "interpolate": run_interpolate, "inpaint": run_inpaint, "fit-landmarks": run_fit_landmarks,
+            "bench": run_bench}
 
 if __name__ == "__main__":
     main()
