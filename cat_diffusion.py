@@ -14,6 +14,7 @@ evaluation -> benchmark -> save/load -> command line.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import io
@@ -25,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -1121,8 +1123,9 @@ def region_mask(landmarks, size, region):
         for x, y in (p[:2] if region == "eyes" else p[2:3]):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=1)
     elif region == "ears":
-        for ear in (p[3:6], p[6:9]):
-            draw.polygon(ear, fill=1, outline=1, width=max(1, round(0.3 * iod)))
+        for ear in (p[3:6], p[6:9]):  # the triangle of its three points, with a margin
+            draw.polygon(ear, fill=1)
+            draw.line(ear + ear[:2], fill=1, width=max(1, round(0.3 * iod)), joint="curve")
     else:
         raise ValueError(f"unknown region {region!r}: use eyes, ears, mouth or box:x0,y0,x1,y1")
     return torch.from_numpy(np.array(canvas) > 0)
@@ -1273,19 +1276,21 @@ def landmark_error(net, images, landmarks, batch_size=256):
 
 
 def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0, device="auto"):
-    """Train `net` on `data` (a CatDataset, flipped at random) with an L1 loss; returns the
+    """Train `net` on `data` (a CatDataset or anything with .faces and .landmarks; flipped at random)
+    with an L1 loss; returns the
     validation error in pixels after each epoch."""
     device = pick_device(device)
     dtype = autocast_dtype(device)
     net.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    batch_size = min(batch_size, len(data))
-    steps_per_epoch = len(data) // batch_size
+    n = len(data.faces)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
     errors = []
     for epoch in tqdm(range(epochs), desc="landmark net", unit="epoch"):
         net.train()
-        order, flips = epoch_order(len(data), seed, epoch)
+        order, flips = epoch_order(n, seed, epoch)
         for idx in order[:steps_per_epoch * batch_size].split(batch_size):
             x, marks = make_batch(data.faces, data.landmarks, idx, flips[idx], device)
             with autocast(device, dtype):
@@ -1680,13 +1685,20 @@ def finish_figures(out, names):
 
 def run_train(args):
     torch.manual_seed(args.seed)
+    rank, world = rank_and_world()
+    if rank > 0:
+        barrier()  # rank 0 draws any synthetic set and builds the face cache first
     data_dir = resolve_data(args.data, args.synthetic_count, args.seed)
-    train_set = CatDataset(data_dir, args.image_size, split="train")
+    train_set = CatDataset(data_dir, args.image_size, split="train", quiet=rank > 0)
     val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
-    print(f"{len(train_set)} training and {len(val_set)} validation faces from {data_dir}")
+    if rank == 0:
+        barrier()
+        print(f"{len(train_set)} training and {len(val_set)} validation faces from {data_dir}"
+              + (f"; {world} processes, {args.batch_size // world} faces each per step" if world > 1 else ""))
     if len(train_set) == 0 or len(val_set) == 0:
         train_set, val_set = CatDataset(data_dir, args.image_size, quiet=True), None
-        print("too few photo ids to hold some out: training on all faces, no validation loss")
+        if rank == 0:
+            print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
@@ -1694,6 +1706,8 @@ def run_train(args):
                       grad_accum=args.grad_accum)
     args.out.mkdir(parents=True, exist_ok=True)
     ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume)
+    if rank > 0:
+        return
     path = save_model(ema, args.name)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
@@ -1859,14 +1873,36 @@ def run_bench(args):
         args.json.write_text(json.dumps(r, indent=2))
 
 
+def start_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, Gloo on CPUs)."""
+    if args.command != "train":
+        raise SystemExit(f"error: only train runs under torchrun, not {args.command}")
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        start_distributed(args)
+    where = f"rank {dist.get_rank()} of {dist.get_world_size()}: " if distributed else ""
     try:
         COMMANDS[args.command](args)
     except (CheckpointError, TrainingError, BadItem) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {where}{e}") from None
     except OSError as e:  # a full disk, a read-only folder: say so in one line
-        raise SystemExit(f"error: {e.strerror or e}") from None
+        raise SystemExit(f"error: {where}{e.strerror or e}") from None
+    except Exception as e:
+        if not distributed:
+            raise
+        traceback.print_exc()  # torchrun stops the other ranks when this one exits: say which failed
+        raise SystemExit(f"error: {where}{type(e).__name__}: {e}") from None
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "reconstruct": run_reconstruct,

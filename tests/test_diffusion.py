@@ -42,7 +42,7 @@ class PointOracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))  # gives the samplers a device
         self.x_star = x_star.double()
 
-    def forward(self, x, t):
+    def forward(self, x, t, landmarks=None):
         ab = cd.ALPHA_BAR[t].double()[:, None, None, None]
         a, s = ab.sqrt(), (1 - ab).sqrt()
         eps = (x.double() - a * self.x_star) / s
@@ -59,7 +59,7 @@ class GaussianOracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
         self.mu, self.s = mu.double(), s
 
-    def forward(self, x, t):
+    def forward(self, x, t, landmarks=None):
         ab = cd.ALPHA_BAR[t].double()[:, None, None, None]
         a, sigma, x = ab.sqrt(), (1 - ab).sqrt(), x.double()
         x0 = self.mu + a * self.s ** 2 / (ab * self.s ** 2 + 1 - ab) * (x - a * self.mu)
@@ -151,7 +151,7 @@ def test_diffusion_loss_falls_when_training_a_tiny_model():
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(200):
-        loss = cd.diffusion_loss(model, x0, cd.ALPHA_BAR, g)
+        loss = cd.diffusion_loss(model, x0, *cd.draw_noise(x0, g), cd.ALPHA_BAR)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -169,7 +169,7 @@ def test_diffusion_loss_is_the_mean_square_error_of_v():
     with torch.no_grad():
         model.head[-1].bias.zero_()  # the weight is zero-initialised, the bias is not
     x0 = pattern_images()
-    loss = cd.diffusion_loss(model, x0, cd.ALPHA_BAR, torch.Generator().manual_seed(3))
+    loss = cd.diffusion_loss(model, x0, *cd.draw_noise(x0, torch.Generator().manual_seed(3)), cd.ALPHA_BAR)
     g = torch.Generator().manual_seed(3)  # replay the same t and eps
     t = torch.randint(0, cd.T, (len(x0),), generator=g)
     eps = torch.randn(x0.shape, generator=g)

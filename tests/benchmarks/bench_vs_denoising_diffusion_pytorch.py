@@ -58,7 +58,7 @@ def ours(batch, **config):
 
     def train_step():
         with cd.autocast(device, dtype):
-            loss = cd.diffusion_loss(model, x0, cd.ALPHA_BAR, g)
+            loss = cd.diffusion_loss(model, x0, *cd.draw_noise(x0, g), cd.ALPHA_BAR)
         opt.zero_grad()
         loss.backward()
         opt.step()
