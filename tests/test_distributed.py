@@ -1,0 +1,113 @@
+"""Scaling out: gradient accumulation, and torchrun with two CPU processes (Gloo on loopback) giving
+the weights of one process, resuming across the two, and a failure on one rank ending the run."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cat_diffusion as cd
+from conftest import ROOT
+
+TINY = ["--image-size", "16", "--width", "8", "--epochs", "3", "--batch-size", "8", "--precision", "fp32",
+        "--checkpoint-every", "1000"]
+
+
+def weights(path):
+    return cd.load_model(None, path).state_dict()
+
+
+def assert_same_weights(a, b, atol=2e-5):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < atol, f"weights differ by up to {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return cd.write_synthetic_dataset(tmp_path_factory.mktemp("photos"), count=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_run(photos, tmp_path_factory):
+    """The reference: one process, batch 8, three epochs."""
+    out = tmp_path_factory.mktemp("single")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "CACHE_DIR", out / "cache")
+        mp.setattr(cd, "HAS_DISPLAY", False)
+        cd.main(["train", "--data", str(photos), *TINY, "--out", str(out), "--name", str(out / "M")])
+    return out
+
+
+def torchrun(tmp_path, *args, script=str(ROOT / "cat_diffusion.py"), timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_gradient_accumulation_gives_the_weights_of_one_big_batch(photos, tmp_path):
+    data = cd.CatDataset(photos, 16, quiet=True)
+    results = []
+    for k in (1, 4):
+        torch.manual_seed(0)
+        model = cd.DiffusionModel(16, 8)
+        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", grad_accum=k, checkpoint_every=1000)
+        cd.train(model, data, cfg, tmp_path / f"k{k}")
+        results.append(model.state_dict())
+    assert_same_weights(*results)
+
+
+def test_batch_that_does_not_split_into_micro_batches_is_an_error(photos, tmp_path):
+    data = cd.CatDataset(photos, 16, quiet=True)
+    with pytest.raises(cd.TrainingError, match="does not split"):
+        cd.train(cd.DiffusionModel(16, 8), data, cd.TrainConfig(batch_size=8, grad_accum=3), tmp_path)
+
+
+def test_two_torchrun_processes_give_the_weights_of_one_process(photos, single_run, tmp_path):
+    out = tmp_path / "ddp"
+    run = torchrun(tmp_path, "train", "--data", str(photos), *TINY, "--out", str(out), "--name", str(out / "M"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes, 4 faces each per step" in run.stdout
+    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"))
+    ddp_losses = cd.read_checkpoint(out / "checkpoint.pt", "training")["history"]["loss"]
+    single_losses = cd.read_checkpoint(single_run / "checkpoint.pt", "training")["history"]["loss"]
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
+    assert (out / "samples.png").is_file() and (out / "loss_curve.png").is_file()
+
+
+FAILING_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import cat_diffusion as cd
+
+real, calls = cd.diffusion_loss, [0]
+
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 6:  # step 6: after the checkpoint of epoch 1
+        raise RuntimeError("injected failure")
+    return real(*args, **kwargs)
+
+cd.diffusion_loss = failing
+cd.main(sys.argv[1:])
+"""
+
+
+def test_a_failure_on_one_rank_stops_every_rank_and_the_run_resumes_in_one_process(photos, single_run, tmp_path):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(FAILING_LAUNCHER.format(root=str(ROOT)))
+    out = tmp_path / "ddp"
+    run = torchrun(tmp_path, "train", "--data", str(photos), *TINY, "--out", str(out), "--name", str(out / "M"),
+                   script=str(launcher), timeout=240)  # a hang would time out
+    assert run.returncode != 0
+    assert "error: rank 1 of 2: RuntimeError: injected failure" in run.stderr
+    assert not (out / "M.pth").exists()
+    ckpt = cd.read_checkpoint(out / "checkpoint.pt", "training")
+    assert ckpt["step"] == 4  # the end of epoch 1: 38 training faces, batch 8
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "CACHE_DIR", tmp_path / "cache")
+        cd.main(["train", "--data", str(photos), *TINY, "--out", str(out), "--name", str(out / "M"),
+                 "--resume", str(out / "checkpoint.pt")])
+    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"))
