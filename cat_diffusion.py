@@ -3,13 +3,17 @@
     python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
     python cat_diffusion.py eval --data DIR     # sample quality against held-out faces
+    python cat_diffusion.py train --landmarks   # also conditioned on the 9 landmarks; then
+    python cat_diffusion.py sample --like PHOTO # cats with that photo's face layout
+    python cat_diffusion.py reconstruct|interpolate|inpaint PHOTO ...   # edit real faces
     python cat_diffusion.py bench               # training and sampling speed
+    torchrun --nproc-per-node=N cat_diffusion.py train ...              # several GPUs or machines
 
     >>> from cat_diffusion import DiffusionModel, load_model
     >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
 
 Sections, in data-flow order: data -> model -> diffusion -> training -> sampling and plots ->
-evaluation -> benchmark -> save/load -> command line.
+editing -> evaluation -> benchmark -> save/load -> command line.
 """
 import argparse
 import contextlib
