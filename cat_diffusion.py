@@ -100,6 +100,11 @@ def parse_cat_file(path):
     return points
 
 
+def sidecar(photo):
+    """A photo's .cat file (`X.jpg.cat`, else `X.cat`), or None."""
+    return next((c for c in (Path(f"{photo}.cat"), Path(photo).with_suffix(".cat")) if c.is_file()), None)
+
+
 def find_annotated_photos(root):
     """All photos under `root` (any depth) with their .cat sidecar (`X.jpg.cat`, else `X.cat`).
 
@@ -109,10 +114,9 @@ def find_annotated_photos(root):
     for photo in sorted(Path(root).rglob("*")):
         if photo.suffix.lower() not in IMAGE_SUFFIXES or not photo.is_file():
             continue
-        for cat in (Path(f"{photo}.cat"), photo.with_suffix(".cat")):
-            if cat.is_file():
-                pairs.append((photo, cat))
-                break
+        cat = sidecar(photo)
+        if cat:
+            pairs.append((photo, cat))
         else:
             missing.append(photo)
     return pairs, missing
@@ -134,7 +138,8 @@ def read_photo(path):
 
 
 def face_frame(points):
-    """The face's eye midpoint, tilt (radians) and box width (outer ear bases) from its landmarks."""
+    """The face's eye midpoint, tilt (radians), box width (outer ear bases) and its landmarks
+    relative to the eye midpoint with the eyes level, from its landmarks."""
     left_eye, right_eye = points[0], points[1]
     dx, dy = right_eye - left_eye
     if math.hypot(dx, dy) < 1:
@@ -143,15 +148,13 @@ def face_frame(points):
     center = (left_eye + right_eye) / 2
     cos, sin = math.cos(angle), math.sin(angle)
     level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
-    return center, angle, abs(level[8, 0] - level[3, 0])
+    return center, angle, abs(level[8, 0] - level[3, 0]), level
 
 
 def align_landmarks(points, size):
     """Where `align_face` puts a face's landmarks, from the points alone: for a .cat file without
     its photo (a photo's landmarks, or already a face crop's)."""
-    center, angle, width = face_frame(points)
-    cos, sin = math.cos(angle), math.sin(angle)
-    level = (points - center) @ np.array([[cos, -sin], [sin, cos]], dtype=np.float32)
+    _, _, width, level = face_frame(points)
     return torch.from_numpy((level / width + np.float32([0.5, 0.4])) * size).float()
 
 
@@ -164,7 +167,7 @@ def align_face(image, points, size, min_face=MIN_FACE):
     then an antialiased bicubic resize to `size`. Landmarks travel with the pixels as KeyPoints.
     Returns (uint8 (3, size, size), float32 (9, 2) landmarks in output pixels).
     """
-    center, angle, width = face_frame(points)
+    center, angle, width, _ = face_frame(points)
     cos, sin = math.cos(angle), math.sin(angle)
     height, photo_width = image.shape[-2:]
     if width < min_face:
@@ -880,6 +883,15 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+def landmarks_for(model, landmarks, n, device):
+    """Landmarks ((9, 2) or (n, 9, 2), [0, 1] face coordinates) for `n` images, or None."""
+    if landmarks is None:
+        return None
+    if not model.config["landmarks"]:
+        raise ValueError("this model was trained without landmarks (train with --landmarks)")
+    return landmarks.float().to(device).expand(n, 9, 2)
+
+
 def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
     """The model's clean-image estimate x0 (clipped to [-1, 1]) and the eps consistent with it.
     With landmarks and guidance w != 1: classifier-free guidance, v = v_u + w (v_c - v_u)
@@ -953,10 +965,7 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     if x is None:
         x = torch.randn(n, 3, size, size, device=device, generator=generator)
     x = x.to(device, memory_format=torch.channels_last)
-    if landmarks is not None:
-        if not model.config["landmarks"]:
-            raise ValueError("this model was trained without landmarks (train with --landmarks)")
-        landmarks = landmarks.float().to(device).expand(len(x), 9, 2)
+    landmarks = landmarks_for(model, landmarks, len(x), device)
     ts = time_grid(sampler, steps, t_start).to(device)
     steps = len(ts)
     alpha_bar = ALPHA_BAR.to(device)[ts]
@@ -1064,8 +1073,7 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, s
 
 def face_of_photo(photo, size):
     """A photo and its .cat sidecar -> (aligned face uint8 (3, S, S), its landmarks in pixels)."""
-    photo = Path(photo)
-    cat = next((c for c in (Path(f"{photo}.cat"), photo.with_suffix(".cat")) if c.is_file()), None)
+    photo, cat = Path(photo), sidecar(photo)
     try:
         if cat is None:
             raise BadItem(f"no landmarks: expected {photo.name}.cat beside it")
@@ -1095,8 +1103,7 @@ def invert(model, faces, steps=50, landmarks=None, precision="auto"):
     ts = time_grid("ddim", steps).flip(0).to(device)
     alpha_bar = ALPHA_BAR.to(device)[ts]
     x = faces.to(device, memory_format=torch.channels_last)
-    if landmarks is not None:
-        landmarks = landmarks.float().to(device).expand(len(x), 9, 2)
+    landmarks = landmarks_for(model, landmarks, len(x), device)
     for i in range(len(ts) - 1):
         x0, eps = denoise(model, x, ts[i], alpha_bar[i], dtype, landmarks)
         x = ddim_step(x0, eps, alpha_bar[i + 1])
@@ -1152,8 +1159,7 @@ def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landma
     ts = time_grid("ddpm", steps).to(device)
     alpha_bar = ALPHA_BAR.to(device)[ts]
     alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
-    if landmarks is not None:
-        landmarks = landmarks.float().to(device).expand(n, 9, 2)
+    landmarks = landmarks_for(model, landmarks, n, device)
 
     def noise():
         return torch.randn(face.shape, device=device, generator=generator)
@@ -1276,7 +1282,8 @@ class LandmarkNet(nn.Module):
 def landmark_error(net, images, landmarks, batch_size=256):
     """Mean distance in pixels between the landmarks `net` finds in `images` ([-1, 1]) and `landmarks`
     (pixels of the same images)."""
-    device, dtype = model_device(net), autocast_dtype(model_device(net))
+    device = model_device(net)
+    dtype = autocast_dtype(device)
     net.eval()
     found = []
     with torch.no_grad(), autocast(device, dtype):
@@ -1287,8 +1294,7 @@ def landmark_error(net, images, landmarks, batch_size=256):
 
 def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0, device="auto"):
     """Train `net` on `data` (a CatDataset or anything with .faces and .landmarks; flipped at random)
-    with an L1 loss; returns the
-    validation error in pixels after each epoch."""
+    with an L1 loss; returns the validation error in pixels after each epoch."""
     device = pick_device(device)
     dtype = autocast_dtype(device)
     net.to(device, memory_format=torch.channels_last)
@@ -1753,7 +1759,8 @@ def load_diffusion_model(path, device):
 
 
 def landmarks_of(model, photo):
-    """A photo's aligned landmarks in pixels, and normalised for a landmark model (None otherwise)."""
+    """A photo's aligned face, its landmarks in pixels, and them normalised as the condition of a
+    landmark model (None for a model without landmarks)."""
     size = model.config["image_size"]
     face, marks = face_of_photo(photo, size)
     return face, marks, marks / size if model.config["landmarks"] else None
@@ -1767,8 +1774,7 @@ def run_sample(args):
         if not model.config["landmarks"]:
             raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
                                   f"to use --landmarks/--like")
-        cat = layout if args.landmarks else next((c for c in (Path(f"{layout}.cat"), layout.with_suffix(".cat"))
-                                                  if c.is_file()), None)
+        cat = layout if args.landmarks else sidecar(layout)
         if cat is None:
             raise BadItem(f"{layout}: no landmarks: expected {layout.name}.cat beside it")
         try:
