@@ -1344,22 +1344,33 @@ def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler="dpm
 # ----------------------------------------------------------------------------------------------
 
 def timed(fn, repeats, warmup=1, device=None):
-    """Seconds per call of `fn`, after `warmup` calls."""
+    """Seconds per call of `fn`, after `warmup` calls; `repeats` grows until the timed calls span
+    0.2 s, so that a fast GPU step is not lost in launch and timer noise."""
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
-    tic = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - tic) / repeats
+    while True:
+        sync()
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - tic
+        if elapsed >= 0.2:
+            return elapsed / repeats
+        repeats = max(2 * repeats, math.ceil(repeats * 0.25 / max(elapsed, 1e-9)))
 
 
-def peak_matmul_tflops(device, dtype, n=2048):
+def peak_matmul_tflops(device, dtype):
     """The machine's dense matmul rate in `dtype`, measured: the roof for model FLOP utilisation."""
+    n = 8192 if device.type == "cuda" else 2048  # a GPU needs a big product to reach its peak
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda: a @ b, repeats=10, warmup=3, device=device) / 1e12
+    matmul = torch.backends.cuda.matmul
+    tf32, matmul.allow_tf32 = matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # cuDNN runs fp32 convs as TF32
+    try:
+        return 2 * n ** 3 / timed(lambda: a @ b, repeats=10, warmup=3, device=device) / 1e12
+    finally:
+        matmul.allow_tf32 = tf32
 
 
 def training_flops_per_image(model, device):

@@ -12,7 +12,7 @@ import cat_diffusion as cd
 from conftest import ROOT
 
 TINY = ["--image-size", "16", "--width", "8", "--epochs", "3", "--batch-size", "8", "--precision", "fp32",
-        "--checkpoint-every", "1000"]
+        "--checkpoint-every", "1000", "--device", "cpu"]
 
 
 def weights(path):
@@ -56,7 +56,7 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_batch(photos, tmp_pa
     for k in (1, 4):
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
-        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", grad_accum=k, checkpoint_every=1000)
+        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", device="cpu", grad_accum=k, checkpoint_every=1000)
         cd.train(model, data, cfg, tmp_path / f"k{k}")
         results.append(model.state_dict())
     assert_same_weights(*results)
@@ -69,7 +69,7 @@ def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path)
     for compile in (False, True):
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
-        cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", compile=compile, checkpoint_every=1000)
+        cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile, checkpoint_every=1000)
         cd.train(model, data, cfg, tmp_path / str(compile))
         results.append(model.state_dict())
     assert_same_weights(*results, atol=1e-6)
@@ -78,7 +78,7 @@ def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path)
 def test_batch_that_does_not_split_into_micro_batches_is_an_error(photos, tmp_path):
     data = cd.CatDataset(photos, 16, quiet=True)
     with pytest.raises(cd.TrainingError, match="does not split"):
-        cd.train(cd.DiffusionModel(16, 8), data, cd.TrainConfig(batch_size=8, grad_accum=3), tmp_path)
+        cd.train(cd.DiffusionModel(16, 8), data, cd.TrainConfig(batch_size=8, grad_accum=3, device="cpu"), tmp_path)
 
 
 def test_two_torchrun_processes_give_the_weights_of_one_process(photos, single_run, tmp_path):
