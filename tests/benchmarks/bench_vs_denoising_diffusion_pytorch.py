@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
 
-MATCHED = dict(base_channels=136, blocks=2, attention_below=16)
+MATCHED = dict(base_channels=64, channel_mults=(1, 2, 4, 12), blocks=2, attention_below=8)
 
 
 def reference(batch):
