@@ -56,7 +56,8 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_batch(photos, tmp_pa
     for k in (1, 4):
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
-        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", device="cpu", grad_accum=k, checkpoint_every=1000)
+        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", device="cpu", grad_accum=k,
+                             checkpoint_every=1000)
         cd.train(model, data, cfg, tmp_path / f"k{k}")
         results.append(model.state_dict())
     assert_same_weights(*results)
@@ -69,7 +70,8 @@ def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path)
     for compile in (False, True):
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
-        cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile, checkpoint_every=1000)
+        cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile,
+                             checkpoint_every=1000)
         cd.train(model, data, cfg, tmp_path / str(compile))
         results.append(model.state_dict())
     assert_same_weights(*results, atol=1e-6)
