@@ -12,8 +12,8 @@
     >>> from cat_diffusion import DiffusionModel, load_model
     >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
 
-Sections, in data-flow order: data -> model -> diffusion -> training -> sampling and plots ->
-editing -> evaluation -> benchmark -> save/load -> command line.
+Sections, in data-flow order: files -> data -> model -> diffusion -> training -> sampling and
+plots -> editing -> evaluation -> benchmark -> save/load -> command line.
 """
 import argparse
 import contextlib
@@ -26,11 +26,13 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zlib
 from pathlib import Path
 
@@ -57,6 +59,96 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 # ----------------------------------------------------------------------------------------------
+# Files: atomic writes, safe reads, and never replacing what a user did not ask to replace
+# ----------------------------------------------------------------------------------------------
+
+UMASK = os.umask(0o22)
+os.umask(UMASK)
+
+
+class CheckpointError(Exception):
+    """A model or checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+class Refused(Exception):
+    """Going on would replace or delete something the user did not ask to; the message says what
+    and how to allow it."""
+
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Write `path` all or nothing: serialise in memory with `write(file)`, then a temporary file
+    in the same folder, fsync, rename, fsync the folder. On failure (a full disk, say) the old file
+    is untouched."""
+    path, buffer = Path(path), io.BytesIO()
+    write(buffer)  # serialised first, so that a full disk fails as a plain OSError below
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_folder(path.parent)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); "
+                               f"any earlier {path.name} is unchanged") from None
+
+
+def claim_outputs(paths, overwrite=False, ours=(), hint="pass --overwrite to replace it"):
+    """Check, before any work, that every file in `paths` can be written without replacing
+    anything the user did not ask to replace: an existing file is refused unless `overwrite` or it
+    is one of `ours` (the files of a run being resumed); a folder in a file's place, or a file in a
+    folder's place, is refused always."""
+    ours = {Path(p).resolve() for p in ours}
+    for path in map(Path, paths):
+        existing = next((p for p in (path, *path.parents) if p.exists()), path)
+        if existing != path and not existing.is_dir():
+            raise Refused(f"{existing} is a file, so {path} cannot be written")
+        if path.is_dir():
+            raise Refused(f"{path} is a folder, not a file")
+        if path.exists() and not overwrite and path.resolve() not in ours:
+            raise Refused(f"{path} already exists; {hint}")
+
+
+def read_checkpoint(path, want="model"):
+    """torch.load with weights_only=True (no code can run), turning every failure into one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).lower()
+        if "weights_only" in msg or "unsupported global" in msg:
+            raise CheckpointError(f"{path}: refused: it holds pickled code or objects, not just "
+                                  f"weights (loading it could run that code)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (empty, truncated or another "
+                              f"format: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("model", "training"):
+        raise CheckpointError(f"{path}: not a cat_diffusion checkpoint")
+    if want == "training" and ckpt["kind"] != "training":
+        raise CheckpointError(f"{path}: holds only model weights, not a training state to resume")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
 # Data: .cat files, face alignment, the preprocessing cache, CatDataset, synthetic cats
 # ----------------------------------------------------------------------------------------------
 
@@ -68,8 +160,7 @@ FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ALIGN_VERSION = 2  # bump when alignment output changes: it is part of the cache key
 MIN_FACE = 32  # faces whose box is narrower than this many photo pixels are dropped
-UMASK = os.umask(0o22)
-os.umask(UMASK)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # larger photos are refused from their header (PIL's bomb limit)
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cat_diffusion"
 
 
@@ -90,7 +181,7 @@ def parse_cat_file(path):
     except ValueError:
         raise BadItem("non-numeric .cat contents") from None
     count, coords = numbers[0], numbers[1:]
-    if count != int(count) or len(coords) != 2 * count:
+    if not math.isfinite(count) or count != int(count) or len(coords) != 2 * count:
         raise BadItem(".cat point count does not match its numbers")
     if count < len(LANDMARKS):
         raise BadItem(f".cat file has fewer than {len(LANDMARKS)} points")
@@ -105,21 +196,53 @@ def sidecar(photo):
     return next((c for c in (Path(f"{photo}.cat"), Path(photo).with_suffix(".cat")) if c.is_file()), None)
 
 
+def walk_files(root):
+    """Every file under `root`, following links to folders once each. Iterative: Path.rglob and
+    os.walk recurse, and a tree nested 1,000 deep ends them in a RecursionError."""
+    stack, seen = [Path(root)], set()
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable or vanished: nothing in it can be used
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+
+
+def printable(path):
+    """A path as text, with any bytes that are not UTF-8 shown as escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def find_annotated_photos(root):
     """All photos under `root` (any depth) with their .cat sidecar (`X.jpg.cat`, else `X.cat`).
 
-    Returns (pairs, missing): pairs of (photo, cat_file) sorted by path; photos without a sidecar.
+    Returns (pairs, missing, unnamed): pairs of (photo, cat_file) sorted by path; photos without a
+    sidecar; photos whose names are not valid UTF-8 (no name can be printed or stored for them).
     """
-    pairs, missing = [], []
-    for photo in sorted(Path(root).rglob("*")):
-        if photo.suffix.lower() not in IMAGE_SUFFIXES or not photo.is_file():
+    pairs, missing, unnamed = [], [], []
+    for photo in sorted(walk_files(root)):
+        if photo.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            str(photo).encode()
+        except UnicodeEncodeError:
+            unnamed.append(photo)
             continue
         cat = sidecar(photo)
         if cat:
             pairs.append((photo, cat))
         else:
             missing.append(photo)
-    return pairs, missing
+    return pairs, missing, unnamed
 
 
 def read_photo(path):
@@ -128,8 +251,18 @@ def read_photo(path):
     EXIF orientation is deliberately ignored: the CAT annotations are in the stored pixel grid.
     """
     try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        data = Path(path).read_bytes()
+        with warnings.catch_warnings():  # PIL warns above its limit and raises above twice that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # reads the header, decodes nothing
+                width, height = header.size
+        if MAX_PIXELS and width * height > MAX_PIXELS:
+            raise Image.DecompressionBombError
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Image.DecompressionBombError:
+        raise BadItem(f"image over {MAX_PIXELS / 1e6:.0f} M pixels (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise BadItem("corrupt or truncated image") from None
     except OSError as e:
         raise BadItem(f"unreadable photo ({type(e).__name__})") from None
     except (RuntimeError, ValueError):
@@ -155,7 +288,10 @@ def align_landmarks(points, size):
     """Where `align_face` puts a face's landmarks, from the points alone: for a .cat file without
     its photo (a photo's landmarks, or already a face crop's)."""
     _, _, width, level = face_frame(points)
-    return torch.from_numpy((level / width + np.float32([0.5, 0.4])) * size).float()
+    face = level / max(width, 1e-6) + np.float32([0.5, 0.4])  # in face widths, the box is [0, 1]
+    if not np.isfinite(face).all() or np.abs(face - 0.5).max() > 4:  # real faces: within 1.5
+        raise BadItem("landmarks far outside the face box (ear bases too close together?)")
+    return torch.from_numpy(face * size).float()
 
 
 def align_face(image, points, size, min_face=MIN_FACE):
@@ -231,35 +367,34 @@ def align_all(pairs, size, min_face, workers=None):
         return list(tqdm(pool.imap(_align_item, jobs, chunksize=32), **bar))
 
 
-def files_fingerprint(root, pairs, missing, size, min_face):
+def files_fingerprint(root, paths, size, min_face):
     """Cache key: alignment version, size, threshold and every file's path, size and mtime."""
     h = hashlib.sha256(f"{ALIGN_VERSION}|{size}|{min_face}".encode())
-    for path in [p for pair in pairs for p in pair] + missing:
+    for path in paths:
         st = path.stat()
-        h.update(f"|{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(b"|" + os.fsencode(path.relative_to(root)) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
-def atomic_write(path, write):
-    """Write `path` all or nothing: serialise in memory with `write(file)`, then a temporary file
-    in the same folder, fsync, rename. On failure (a full disk, say) the old file is untouched."""
-    path, buffer = Path(path), io.BytesIO()
-    write(buffer)  # serialised first, so that a full disk fails as a plain OSError below
-    tmp = None
+def cached_faces(cache, key, size):
+    """The face cache's (faces, landmarks, names, bad) if it is for `key` and well-formed, else None.
+    Never trusted: a stale, truncated or malformed cache is rebuilt."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); "
-                               f"any earlier {path.name} is unchanged") from None
+        data = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or not a cache at all
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    faces, marks, names, bad = (data.get(k) for k in ("faces", "landmarks", "names", "bad"))
+    well_formed = (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+        and isinstance(bad, list) and all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b)
+                                          for b in bad)
+        and isinstance(faces, torch.Tensor) and faces.dtype == torch.uint8
+        and faces.shape == (len(names), 3, size, size)
+        and isinstance(marks, torch.Tensor) and marks.dtype == torch.float32 and marks.shape == (len(names), 9, 2)
+        and bool(torch.isfinite(marks).all()))
+    return (faces, marks, names, bad) if well_formed else None
 
 
 def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
@@ -270,19 +405,15 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     ~/.cache/cat_diffusion); rebuilt when anything in its key changes or it fails to load.
     """
     root, tic, source = Path(root).resolve(), time.perf_counter(), "cache"
-    pairs, missing = find_annotated_photos(root)
-    key = files_fingerprint(root, pairs, missing, size, min_face)
+    pairs, missing, unnamed = find_annotated_photos(root)
+    key = files_fingerprint(root, [p for pair in pairs for p in pair] + missing + unnamed, size, min_face)
     cache_dir = Path(cache_dir) if cache_dir else CACHE_DIR
-    folder_id = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    folder_id = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
     cache = cache_dir / f"faces-{size}px-{folder_id}.pt"
-    try:
-        data = torch.load(cache, weights_only=True)
-        if data["key"] != key:
-            raise ValueError("stale")
-        faces, marks, names, bad = data["faces"], data["landmarks"], data["names"], data["bad"]
-        if faces.shape != (len(names), 3, size, size) or marks.shape != (len(names), 9, 2):
-            raise ValueError("inconsistent")
-    except Exception:  # missing, stale, truncated or corrupt: rebuild, never trust
+    cached = cached_faces(cache, key, size)
+    if cached:
+        faces, marks, names, bad = cached
+    else:
         source, results = "aligned", align_all(pairs, size, min_face)
         good = [(p, r) for (p, _), r in zip(pairs, results) if r[0] == "ok"]
         faces = torch.from_numpy(np.stack([r[1] for _, r in good])) if good else \
@@ -291,13 +422,14 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
         names = [str(p.relative_to(root)) for p, _ in good]
         bad = [[r[1], str(Path(r[2]).relative_to(root))] for r in results if r[0] == "bad"]
         bad += [["missing .cat file", str(p.relative_to(root))] for p in missing]
+        bad += [["file name is not valid UTF-8", printable(p.relative_to(root))] for p in unnamed]
         payload = dict(key=key, faces=faces, landmarks=marks, names=names, bad=bad)
         try:
             atomic_write(cache, lambda f: torch.save(payload, f))
         except OSError as e:
             print(f"warning: face cache not saved: {e.strerror}", file=sys.stderr)
     if not quiet:
-        print(f"{len(names)} faces of {root} at {size}px ({source}, {time.perf_counter() - tic:.1f} s; "
+        print(f"{len(names)} faces of {printable(root)} at {size}px ({source}, {time.perf_counter() - tic:.1f} s; "
               f"cache {cache}); {len(bad)} skipped", file=sys.stderr)
         report_bad_items(root, bad)
     return faces, marks, names, bad
@@ -315,8 +447,11 @@ def report_bad_items(root, bad, show=3):
 
 
 def photo_id(name):
-    """CAT photo id of a file name: `00000001_005.jpg` -> `00000001` (shots of one cat share it)."""
-    return Path(name).name.split("_")[0].split(".")[0]
+    """CAT photo id of a file name: `00000001_005.jpg` -> `00000001` (shots of one cat share it);
+    any other name (`IMG_1234.jpg`) is its own id."""
+    name = Path(name).name
+    cat_style = re.match(r"(\d+)_\d+\.", name)
+    return cat_style.group(1) if cat_style else name
 
 
 def in_validation(name, percent):
@@ -489,11 +624,12 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over pixels, via PyTorch's fused SDPA."""
+    """Multi-head self-attention over pixels, via PyTorch's fused SDPA; 4 heads, or as many as
+    divide the channels."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, group_norm(channels)
+        self.heads, self.norm = math.gcd(heads, channels), group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -557,7 +693,8 @@ class DiffusionModel(nn.Module):
         ch = [base_channels * m for m in channel_mults]
         res = [image_size >> i for i in range(4)]
         emb_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.freqs = base_channels + base_channels % 2  # sines and cosines come in pairs
+        self.time_mlp = nn.Sequential(nn.Linear(self.freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(3 + 9 * landmarks, ch[0], 3, padding=1)
 
         def stage(c_in, c_out, r):
@@ -571,7 +708,7 @@ class DiffusionModel(nn.Module):
         self.head = nn.Sequential(group_norm(ch[0]), nn.SiLU(), zero_init(nn.Conv2d(ch[0], 3, 3, padding=1)))
 
     def forward(self, x, t, landmarks=None):
-        emb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))
+        emb = self.time_mlp(timestep_embedding(t, self.freqs))
         if self.config["landmarks"]:
             if landmarks is None:
                 landmarks = x.new_full((len(x), 9, 2), math.nan)
@@ -760,13 +897,89 @@ def validation_loss(model, dataset, device, dtype, batch_size=64):
     return total / len(dataset)
 
 
-def train(model, data, cfg, out_dir, val_data=None, resume=None):
+RUN_SETTINGS = ("batch_size", "seed", "warmup_steps", "ema_decay", "augment", "weight_decay", "grad_clip",
+                "landmark_dropout")  # with the model and the data, what a resumed run must keep
+
+
+def data_fingerprint(data):
+    """A hash of the faces and landmarks a run trains on, to recognise them when it resumes."""
+    h = hashlib.sha256(data.faces.cpu().contiguous().numpy().tobytes())
+    h.update(data.landmarks.cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_resume(path, ckpt, model, cfg, fingerprint, total):
+    """Refuse to resume a checkpoint's run as another run: the model, the data and RUN_SETTINGS
+    must be the checkpoint's. The learning rate may change, and more epochs extend the run.
+    Returns the changes to report."""
+    differ = [f"{k} {was!r} -> {now!r}" for k, was, now in [
+        *((k, ckpt["model_config"].get(k), v) for k, v in model.config.items()),
+        *((k, ckpt["train_config"].get(k), getattr(cfg, k)) for k in RUN_SETTINGS),
+        ("data", ckpt.get("data", fingerprint), fingerprint)] if was != now]
+    if differ:
+        raise CheckpointError(f"{path}: the checkpoint's run had other settings: {', '.join(differ)} "
+                              f"(resume with the run's own, or start a new run)")
+    if total < ckpt["step"]:
+        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {cfg.epochs} "
+                              f"epochs are only {total}")
+    saved, changes = ckpt["train_config"], []
+    if cfg.lr != saved["lr"]:
+        changes.append(f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}")
+    if cfg.epochs != saved["epochs"]:
+        changes.append(f"epochs {saved['epochs']} -> {cfg.epochs}: the cosine decay is re-planned over "
+                       f"{total} steps")
+    return changes
+
+
+def restore(path, ckpt, model, ema, opt, sched, noise_gen, lr):
+    """Load a training checkpoint into the run's parts; the learning rate is `lr` from here on."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        noise_gen.set_state(ckpt["noise_rng"].to("cpu"))
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
+        history, step = ckpt["history"], int(ckpt["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged training state ({type(e).__name__})") from None
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+    return history, step
+
+
+def kept_note(step, out_dir):
+    checkpoint = Path(out_dir) / "checkpoint.pt"
+    if step == 0:
+        return f"no checkpoint was written to {out_dir}"
+    return f"{checkpoint} (step {step}) is kept: resume it with a lower --lr"
+
+
+@torch.no_grad()
+def worth_keeping(model, ema, opt, loss_of):
+    """Whether the current training state may be checkpointed: finite weights, EMA and optimizer
+    moments, and a finite loss of the current weights, `loss_of(model)`. The losses the loop checks
+    were computed before the last update, so they cannot vouch for the weights after it."""
+    tensors = [*model.parameters(), *ema.parameters(),
+               *(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        return False
+    model.eval()
+    loss = loss_of(model)
+    model.train()
+    return math.isfinite(loss)
+
+
+def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
     """Train `model` on `data` (a CatDataset); returns (ema_model, history).
 
-    Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps and after every epoch;
-    `resume` (a checkpoint path) continues that run exactly where it stopped. Under torchrun each
-    of the N processes computes 1/N of every global batch (DistributedDataParallel averages the
-    gradients) and rank 0 alone writes; the result matches a single process up to float rounding.
+    Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps and after every epoch, each
+    time from a state checked to be finite (`worth_keeping`); `resume` (a checkpoint path)
+    continues that run exactly where it stopped (see `check_resume`), and `settings` (the command
+    line's) are kept in the checkpoint for it. Under torchrun each of the N processes computes 1/N
+    of every global batch (DistributedDataParallel averages the gradients) and rank 0 alone
+    writes; the result matches a single process up to float rounding.
     """
     rank, world = rank_and_world()
     device = pick_device(cfg.device)
@@ -791,29 +1004,24 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
     alpha_bar = ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
-    history, step = {"loss": [], "val": []}, 0
+    history, step, fingerprint = {"loss": [], "val": []}, 0, data_fingerprint(data)
+    if resume:
+        ckpt = read_checkpoint(resume, want="training")
+        changes = check_resume(resume, ckpt, model, cfg, fingerprint, total)
+        history, step = restore(resume, ckpt, model, ema, opt, sched, noise_gen, cfg.lr)
+        if rank == 0:
+            print(f"resuming {resume} at step {step}" + "".join(f"; {c}" for c in changes), file=sys.stderr)
     if rank == 0:
         for stale in Path(out_dir).glob(".checkpoint.pt.*.tmp"):  # left by a run killed mid-write
             stale.unlink()
-    if resume:
-        ckpt = read_checkpoint(resume, want="training")
-        if ckpt["model_config"] != model.config:
-            raise CheckpointError(f"{resume}: checkpoint is for model {ckpt['model_config']}, "
-                                  f"not {model.config}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        noise_gen.set_state(ckpt["noise_rng"].to("cpu"))
-        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
-        history, step = ckpt["history"], ckpt["step"]
+    kept = step
 
     def checkpoint(step):
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
-                     torch_rng=torch.get_rng_state(), step=step,
-                     epoch=step // steps_per_epoch, history=history)
+                     torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch,
+                     history=history, data=fingerprint, settings=settings or {})
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
 
     pending, tic, seen, order = [], time.perf_counter(), 0, None
@@ -856,8 +1064,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
                     losses /= world
                 losses = losses.tolist()
                 if not all(map(math.isfinite, losses)):
-                    raise TrainingError(f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} "
-                                        f"may be too high); the last good checkpoint is kept in {out_dir}")
+                    raise TrainingError(f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} may be "
+                                        f"too high); {kept_note(kept, out_dir)}")
                 history["loss"] += losses
                 bar.update(len(losses))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1,
@@ -865,7 +1073,15 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None):
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
             if rank == 0 and at_checkpoint:
+                def loss_of(m):
+                    with autocast(device, dtype):
+                        return diffusion_loss(m, x0[part], t[part], eps[part], alpha_bar,
+                                              None if cond is None else cond[part]).item()
+                if not worth_keeping(model, ema, opt, loss_of):
+                    raise TrainingError(f"the weights after step {step} give a non-finite loss (learning rate "
+                                        f"{cfg.lr} may be too high); {kept_note(kept, out_dir)}")
                 checkpoint(step)
+                kept = step
             if at_checkpoint:
                 barrier()
     return ema.module.eval(), history
@@ -1273,7 +1489,10 @@ class LandmarkNet(nn.Module):
                        nn.Conv2d(width << i, width << i, 3, padding=1), group_norm(width << i), nn.SiLU()]
             c = width << i
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(c * (image_size // 16) ** 2, 18)
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2  # a stride-2 convolution with padding 1 rounds up
+        self.head = nn.Linear(c * side ** 2, 18)
 
     def forward(self, x):
         return self.head(self.features(x)).view(-1, 9, 2) + 0.5
@@ -1431,10 +1650,6 @@ def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=
 # Save and load
 # ----------------------------------------------------------------------------------------------
 
-class CheckpointError(Exception):
-    """A model or checkpoint file that cannot be used; the message names the file and the problem."""
-
-
 def model_path(name):
     path = Path(name)
     return path if path.suffix == ".pth" else path.with_name(path.name + ".pth")
@@ -1449,28 +1664,38 @@ def save_model(model, name):
     return path
 
 
-def read_checkpoint(path, want="model"):
-    """torch.load with weights_only=True (no code can run), turning every failure into one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).lower()
-        if "weights_only" in msg or "unsupported global" in msg:
-            raise CheckpointError(f"{path}: refused: it holds pickled code or objects, not just "
-                                  f"weights (loading it could run that code)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (empty, truncated or another "
-                              f"format: {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("model", "training"):
-        raise CheckpointError(f"{path}: not a cat_diffusion checkpoint")
-    if want == "training" and ckpt["kind"] != "training":
-        raise CheckpointError(f"{path}: holds only model weights, not a training state to resume")
-    return ckpt
-
-
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffusionModel, LandmarkNet)}
+CONFIG_RANGES = {"image_size": (8, 1024), "base_channels": (1, 4096), "channel_mults": (1, 64), "blocks": (1, 64),
+                 "attention_below": (0, 1024), "dropout": (0, 1), "landmarks": (0, 1), "width": (1, 4096)}
+
+
+def checked_config(cls, config, path):
+    """A model file's config, checked before anything is built from it: known keys, each of its
+    default's type and within CONFIG_RANGES, and a model whose weights fit in the file (counted
+    on the meta device, which allocates nothing), so that loading costs at most about the file's
+    own size in memory."""
+    params = inspect.signature(cls).parameters
+    if not isinstance(config, dict) or not set(config) <= set(params):
+        unknown = sorted(map(str, set(config) - set(params))) if isinstance(config, dict) else config
+        raise CheckpointError(f"{path}: unknown model settings {unknown!r}")
+    config = {**{k: p.default for k, p in params.items()}, **config}
+    for key, value in config.items():
+        kind, (low, high) = type(params[key].default), CONFIG_RANGES[key]
+        values = value if isinstance(value, (list, tuple)) and kind is tuple else [value]
+        ok = isinstance(value, (list, tuple)) == (kind is tuple) and len(values) > 0 and all(
+            type(v) is (int if kind is tuple else kind) or (kind is float and type(v) is int) for v in values)
+        if not ok or not all(low <= v <= high for v in values):
+            raise CheckpointError(f"{path}: model setting {key}={value!r} is not valid")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    try:
+        with torch.device("meta"):
+            weights = sum(t.numel() * 4 for t in cls(**config).state_dict().values())  # saved as fp32
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the model settings do not describe a model ({e})") from None
+    if weights > path.stat().st_size:
+        raise CheckpointError(f"{path}: its settings describe a model of {weights / 1e6:.1f} MB of weights, "
+                              f"more than the file's {path.stat().st_size / 1e6:.1f} MB")
+    return config
 
 
 def load_model(model, name, device="cpu"):
@@ -1481,11 +1706,11 @@ def load_model(model, name, device="cpu"):
     """
     path = model_path(name) if Path(name).suffix != ".pt" else Path(name)
     ckpt = read_checkpoint(path)
-    cls = MODEL_CLASSES.get(ckpt.get("class", "DiffusionModel"))
+    class_name = ckpt.get("class", "DiffusionModel")
+    cls = MODEL_CLASSES.get(class_name) if isinstance(class_name, str) else None
     if cls is None:
-        raise CheckpointError(f"{path}: holds an unknown model class {ckpt['class']!r}")
-    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
-    config = {**defaults, **(ckpt["config"] if ckpt["kind"] == "model" else ckpt["model_config"])}
+        raise CheckpointError(f"{path}: holds an unknown model class {class_name!r}")
+    config = checked_config(cls, ckpt.get("config" if ckpt["kind"] == "model" else "model_config"), path)
     if model is None:
         model = cls(**config)
     elif type(model) is not cls:
@@ -1495,12 +1720,13 @@ def load_model(model, name, device="cpu"):
                          if config.get(k) != v)
         raise CheckpointError(f"{path}: saved with {diff}; build DiffusionModel(**config) to match, "
                               f"or call load_model(None, {str(name)!r})")
-    weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
-        {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     try:
+        weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
+            {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
         model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1:2]}") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).splitlines()[1:2] or type(e).__name__
+        raise CheckpointError(f"{path}: weights do not fit the model: {reason}") from None
     return model.to(device).eval()
 
 
@@ -1555,6 +1781,33 @@ def region_arg(text):
     raise argparse.ArgumentTypeError(f"must be eyes, ears, mouth or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
 
 
+def seed_arg(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**32 - 1, got {text}")
+    return value
+
+
+def device_arg(text):
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def name_arg(text):
+    if Path(text).name in ("", ".", "..") or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"must name a file, got {text!r}")
+    return text
+
+
 def existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
@@ -1567,8 +1820,16 @@ def existing_dir(text):
     return Path(text)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """argparse with each error on one line: what is wrong, and where the options are listed."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(resumed=None):
+    """The command line; `resumed` (a checkpoint's settings) become the train command's defaults."""
+    parser = Parser(
         prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
         "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
@@ -1603,8 +1864,9 @@ def build_parser():
     tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
                     help="steps between checkpoints (one is also written after every epoch)")
     tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue from a checkpoint; without PATH, OUT/checkpoint.pt")
-    tr.add_argument("--name", default="DiffusionModel", help="the final weights go to NAME.pth")
+                    help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
+                         "a larger --epochs extends it, --lr changes the learning rate from there on")
+    tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
     sa = commands.add_parser("sample", help="generate faces with a trained model",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sa.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
@@ -1660,7 +1922,7 @@ def build_parser():
     fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
     fl.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
     fl.add_argument("--epochs", type=positive_int, default=15, help="passes over the training faces")
-    fl.add_argument("--name", default="LandmarkNet", help="the weights go to NAME.pth")
+    fl.add_argument("--name", type=name_arg, default="LandmarkNet", help="the weights go to NAME.pth")
     be = commands.add_parser("bench", help="measure training and sampling speed",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     be.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
@@ -1670,50 +1932,86 @@ def build_parser():
     be.add_argument("--compile", action="store_true", help="time training through torch.compile")
     be.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     for p in (tr, sa, ev, rc, ip, inp, fl, be):
-        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+        p.add_argument("--device", type=device_arg, default="auto",
+                       help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-        p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
-        p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for pictures and checkpoints")
+        p.add_argument("--seed", type=seed_arg, default=0, help="random seed: the same seed gives the same run")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace files that exist already (without it, the command refuses to start)")
+    for p, folder in ((tr, "outputs"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
+                      (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
+        p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
+                       + (" and checkpoints" if p is tr else ""))
+    tr.set_defaults(**resumed or {})
     return parser
 
 
 def parse_args(argv):
+    """Parse the command line. `train --resume` takes the checkpoint's settings as its defaults
+    (with OUT its folder), so that only what changes needs saying."""
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        if args.data != Path("data") and not args.data.is_dir():
-            parser.error(f"argument --data: no such folder: {args.data}")
-        if args.resume is not None:
-            args.resume = Path(args.resume or args.out / "checkpoint.pt")
-            if not args.resume.is_file():
-                parser.error(f"argument --resume: no such file: {args.resume}")
+    args.run_settings = None
+    if args.command == "train" and args.resume is not None:
+        resume = Path(args.resume or args.out / "checkpoint.pt")
+        if not resume.is_file():
+            parser.error(f"argument --resume: no such file: {resume}")
+        saved = read_checkpoint(resume, want="training").get("settings", {})
+        defaults = {k: v for k, v in saved.items() if k in vars(args) and k not in ("command", "resume", "overwrite")}
+        parser = build_parser({**defaults, "out": str(resume.parent)})
+        args = parser.parse_args(argv)
+        args.resume, args.run_settings = resume, saved
+    if args.command == "train" and args.data != Path("data") and not args.data.is_dir():
+        parser.error(f"argument --data: no such folder: {args.data}")
     return args
 
 
-def resolve_data(folder, synthetic_count, seed):
-    """The folder to train on: `folder` itself, or its synthetic/ set when it holds no photos."""
-    synthetic = folder / "synthetic"
-    pairs, _ = find_annotated_photos(folder) if folder.is_dir() else ([], [])
+GET_THE_DATA = "get the CAT dataset (Kaggle: crawford/cat-dataset) as data/README.md says"
+SYNTHETIC_STAMP = ".drawn-by-cat_diffusion"  # marks a synthetic set as the script's own to replace
+
+
+def resolve_data(folder, synthetic_count, seed, default):
+    """The folder to train on: `folder`, or, when it is the `default` data/ and holds no photos at
+    all, its synthetic/ set, drawn there if need be. Only a folder holding the stamp file, which
+    drawing writes first, is ever deleted: data/synthetic/ redrawn, or a partial draw retried."""
+    pairs, missing, unnamed = find_annotated_photos(folder) if folder.is_dir() else ([], [], [])
+    if not default:
+        if pairs:
+            return folder
+        raise SystemExit(f"error: --data {folder}: no photos with .cat landmark files in it or below it "
+                         f"({len(missing) + len(unnamed)} photos without one); {GET_THE_DATA}")
+    synthetic, partial = folder / "synthetic", folder / ".synthetic.partial"
     real = [p for p, _ in pairs if synthetic not in p.parents]
     if real and len(real) < len(pairs):
         raise SystemExit(f"error: {folder} holds real photos and a synthetic/ set; delete "
                          f"{synthetic} or pass --data with the real folder")
     if real:
         return folder
-    if len(pairs) < synthetic_count:
-        print(f"No annotated cat photos in {folder.resolve()} (see data/README.md for the real CAT "
-              f"dataset); drawing {synthetic_count} synthetic cats into {synthetic}/")
-        tmp = folder / ".synthetic.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        write_synthetic_dataset(tmp, synthetic_count, seed)
-        if synthetic.exists():
-            shutil.rmtree(synthetic)
-        tmp.rename(synthetic)
+    unannotated = [p for p in missing + unnamed if synthetic not in p.parents]
+    if unannotated:
+        raise SystemExit(f"error: {folder} holds {len(unannotated)} photos but none with its .cat landmark "
+                         f"file (e.g. {printable(unannotated[0])}); {GET_THE_DATA}")
+    stamp = f"{synthetic_count} photos, seed {seed}"
+    for drawn in (synthetic, partial):
+        if drawn.exists() and not (drawn / SYNTHETIC_STAMP).is_file():
+            raise SystemExit(f"error: {drawn} exists but was not drawn by this script (no {SYNTHETIC_STAMP} "
+                             f"in it), so it is left alone: move it, or pass --data")
+    if synthetic.exists() and (synthetic / SYNTHETIC_STAMP).read_text() == stamp:
+        return synthetic
+    print(f"No annotated cat photos in {folder.resolve()} ({GET_THE_DATA}); drawing {synthetic_count} "
+          f"synthetic cats into {synthetic}/")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / SYNTHETIC_STAMP).write_text(stamp)
+    write_synthetic_dataset(partial, synthetic_count, seed)
+    if synthetic.exists():
+        shutil.rmtree(synthetic)
+    partial.rename(synthetic)
     return synthetic
 
 
@@ -1724,12 +2022,20 @@ def finish_figures(out, names):
     plt.close("all")
 
 
+TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
+
+
 def run_train(args):
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
+    model_file = model_path(args.name)
+    ours = [] if args.resume is None else \
+        [args.resume.parent / f for f in TRAIN_OUTPUTS] + [args.run_settings.get("name", model_file)]
+    claim_outputs([args.out / f for f in TRAIN_OUTPUTS] + [model_file], args.overwrite, ours,
+                  hint="pass --resume to continue that run, --overwrite to start over, or another --out/--name")
     if rank > 0:
         barrier()  # rank 0 draws any synthetic set and builds the face cache first
-    data_dir = resolve_data(args.data, args.synthetic_count, args.seed)
+    data_dir = resolve_data(args.data, args.synthetic_count, args.seed, default=args.data == Path("data"))
     train_set = CatDataset(data_dir, args.image_size, split="train", quiet=rank > 0)
     val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
     if rank == 0:
@@ -1745,11 +2051,14 @@ def run_train(args):
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
                       device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
                       grad_accum=args.grad_accum, compile=args.compile)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in ("command", "resume", "overwrite", "run_settings")}
+    settings.update(data=str(data_dir.resolve()), name=str(model_file.resolve()))
     args.out.mkdir(parents=True, exist_ok=True)
-    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume)
+    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings)
     if rank > 0:
         return
-    path = save_model(ema, args.name)
+    path = save_model(ema, model_file)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
     shown = val_set or train_set
@@ -1778,9 +2087,11 @@ def landmarks_of(model, photo):
 
 
 def run_sample(args):
+    layout = args.landmarks or args.like
+    claim_outputs([args.out / "samples.png", *(args.out / f"sample_{i:04d}.png" for i in range(args.n)),
+                   *([args.out / "samples_landmarks.png"] if layout else [])], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
-    size, layout = model.config["image_size"], args.landmarks or args.like
-    marks = None
+    size, marks = model.config["image_size"], None
     if layout:
         if not model.config["landmarks"]:
             raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
@@ -1807,6 +2118,7 @@ def run_sample(args):
 
 
 def run_reconstruct(args):
+    claim_outputs([args.out / "reconstruct.png"], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
     face, _, cond = landmarks_of(model, args.photo)
     x0 = to_model_range(face)[None].to(model_device(model))
@@ -1826,6 +2138,7 @@ def run_reconstruct(args):
 
 
 def run_interpolate(args):
+    claim_outputs([args.out / "interpolation.png", args.out / "interpolation.gif"], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
     (face_a, _, cond_a), (face_b, _, cond_b) = (landmarks_of(model, p) for p in args.photos)
     faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
@@ -1837,6 +2150,7 @@ def run_interpolate(args):
 
 
 def run_inpaint(args):
+    claim_outputs([args.out / "inpaint.png"], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
     face, marks, cond = landmarks_of(model, args.photo)
     mask = region_mask(marks, model.config["image_size"], args.region)
@@ -1850,11 +2164,20 @@ def run_inpaint(args):
     print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
 
 
+def write_json(path, result):
+    atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+
+
 def run_eval(args):
+    if args.json:
+        claim_outputs([args.json], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
     size = model.config["image_size"]
     train_set = CatDataset(args.data, size, split="train", quiet=True)
     val_set = CatDataset(args.data, size, split="val", quiet=True)
+    if len(val_set) == 0 or len(train_set) < min(args.n, len(val_set)):
+        raise SystemExit(f"error: {args.data}: {len(val_set)} validation and {len(train_set)} training faces; "
+                         f"eval needs validation faces and at least as many training faces")
     r = evaluate(model, train_set.faces, val_set.faces, args.n, args.sampler, args.steps, args.seed)
     levels = [f"{size >> i}px" for i in range(len(r["swd"]) - 1)] + ["low-pass"]
     print(f"{args.model}: {r['n']} samples, {r['sampler']} {r['steps']} steps, against {r['m']} "
@@ -1875,11 +2198,11 @@ def run_eval(args):
               f"({lm['conditioned'] / lm['real']:.2f}x real); unconditional samples {lm['unconditional']:.2f}; "
               f"SWD of the conditioned samples {lm['swd_conditioned']:.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(r, model=str(args.model), data=str(args.data)), indent=2))
+        write_json(args.json, dict(r, model=str(args.model), data=str(args.data)))
 
 
 def run_fit_landmarks(args):
+    claim_outputs([model_path(args.name)], args.overwrite, hint="pass --overwrite to replace it, or another --name")
     torch.manual_seed(args.seed)
     train_set = CatDataset(args.data, args.image_size, split="train", quiet=True)
     val_set = CatDataset(args.data, args.image_size, split="val", quiet=True)
@@ -1893,6 +2216,8 @@ def run_fit_landmarks(args):
 
 
 def run_bench(args):
+    if args.json:
+        claim_outputs([args.json], args.overwrite)
     torch.manual_seed(args.seed)
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
     r = benchmark(model, args.batch_size, pick_device(args.device), args.precision, compile=args.compile)
@@ -1911,8 +2236,7 @@ def run_bench(args):
     for name, value in rows:
         print(f"{name:<28} {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2))
+        write_json(args.json, r)
 
 
 def start_distributed(args):
@@ -1926,17 +2250,21 @@ def start_distributed(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except CheckpointError as e:  # --resume of an unusable checkpoint
+        raise SystemExit(f"error: {e}") from None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         start_distributed(args)
     where = f"rank {dist.get_rank()} of {dist.get_world_size()}: " if distributed else ""
     try:
         COMMANDS[args.command](args)
-    except (CheckpointError, TrainingError, BadItem) as e:
+    except (CheckpointError, TrainingError, BadItem, Refused) as e:
         raise SystemExit(f"error: {where}{e}") from None
-    except OSError as e:  # a full disk, a read-only folder: say so in one line
-        raise SystemExit(f"error: {where}{e.strerror or e}") from None
+    except OSError as e:  # a full disk, a read-only folder: say so in one line, naming the file
+        path = f"{printable(e.filename)}: " if e.filename else ""
+        raise SystemExit(f"error: {where}{path}{e.strerror or e}") from None
     except Exception as e:
         if not distributed:
             raise

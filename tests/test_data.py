@@ -66,9 +66,9 @@ def test_photos_are_found_at_any_depth_with_either_sidecar_name(tmp_path):
     write_cat(tmp_path / "CAT_00/00000001_000.jpg.cat", marks)
     write_cat(tmp_path / "CAT_01/sub/00000002_000.cat", marks)  # the X.cat spelling
     (tmp_path / "notes.txt").write_text("not a photo")
-    pairs, missing = cd.find_annotated_photos(tmp_path)
+    pairs, missing, unnamed = cd.find_annotated_photos(tmp_path)
     assert [p.name for p, _ in pairs] == ["00000001_000.jpg", "00000002_000.JPEG"]
-    assert [p.name for p in missing] == ["flat.png"]
+    assert [p.name for p in missing] == ["flat.png"] and unnamed == []
 
 
 # ---- alignment geometry ---------------------------------------------------------------------
@@ -100,7 +100,7 @@ def test_photo_rotated_by_known_angle_comes_back_level_and_alike(degrees):
     face_a, marks_a = cd.align_face(as_tensor(big), marks, 64)
     face_b, marks_b = cd.align_face(as_tensor(turned), turned_marks, 64)
     check_aligned(marks_b.numpy(), 64)
-    assert torch.allclose(marks_a, marks_b, atol=1.0)
+    assert torch.allclose(marks_a, marks_b, atol=1.5)
     assert (face_a.float() - face_b.float()).abs().mean() < 12  # same face, resampled twice
 
 
@@ -226,7 +226,8 @@ def test_cache_is_rebuilt_when_its_inputs_change(cat_folder, monkeypatch, change
     assert len(ds) == {"added": 13, "removed": 11}.get(change, 12)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong contents"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong contents", "wrong dtype",
+                                    "wrong types", "not a dict"])
 def test_damaged_cache_is_rebuilt_never_trusted(cat_folder, private_cache, monkeypatch, damage):
     good = cd.CatDataset(cat_folder, S)
     (cache,) = private_cache.iterdir()
@@ -237,9 +238,16 @@ def test_damaged_cache_is_rebuilt_never_trusted(cat_folder, private_cache, monke
         cache.write_bytes(data[: len(data) // 2])
     elif damage == "empty":
         cache.write_bytes(b"")
-    else:  # a loadable file whose key matches but whose tensors do not
+    elif damage == "not a dict":
+        torch.save([1, 2, 3], cache)
+    else:  # a loadable file whose key matches but whose contents do not
         payload = torch.load(cache, weights_only=True)
-        payload["faces"] = payload["faces"][:3]
+        if damage == "wrong contents":
+            payload["faces"] = payload["faces"][:3]
+        elif damage == "wrong dtype":
+            payload["faces"] = payload["faces"].float()
+        else:
+            payload["names"], payload["bad"] = list(range(len(payload["names"]))), [[1, 2, 3]]
         torch.save(payload, cache)
     calls = count_alignments(monkeypatch)
     again = cd.CatDataset(cat_folder, S)
@@ -268,6 +276,18 @@ def test_split_is_by_photo_id_deterministic_and_disjoint(tmp_path):
     ids = lambda ds: {cd.photo_id(n) for n in ds.names}  # noqa: E731
     assert not ids(train) & ids(val)  # both shots of a cat land on one side
     assert val.names == cd.CatDataset(tmp_path, S, split="val", val_percent=20, quiet=True).names
+
+
+def test_names_that_are_not_cat_style_are_each_their_own_photo_id(tmp_path):
+    assert cd.photo_id("CAT_00/00000001_005.jpg") == "00000001"
+    assert cd.photo_id("IMG_1234.jpg") == "IMG_1234.jpg" != cd.photo_id("IMG_1235.jpg")
+    photo, marks = synthetic_photo()
+    for i in range(60):
+        p = tmp_path / f"IMG_{i:04d}.jpg"
+        photo.save(p)
+        write_cat(f"{p}.cat", marks)
+    val = cd.CatDataset(tmp_path, S, split="val", val_percent=20, quiet=True)
+    assert 0 < len(val) < 60, "phone-style names must spread over both sides of the split"
 
 
 def test_empty_folder_is_a_clear_error_naming_the_folder(tmp_path):

@@ -5,9 +5,11 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +124,28 @@ def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind
 
 
+def test_atomic_write_makes_the_rename_durable_by_fsyncing_the_folder(tmp_path, monkeypatch):
+    real_fsync, synced = os.fsync, []
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(cd.os, "fsync", spy)
+    cd.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"data"))
+    assert synced == [False, True], "the file, then its folder after the rename"
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
+
+
 def test_full_disk_during_training_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     data = cd.write_synthetic_dataset(tmp_path / "data", count=12, seed=0)
     real_fsync, calls = os.fsync, []
 
     def fsync_until_full(fd):
-        calls.append(fd)
-        if len(calls) > 3:  # the face cache and two checkpoints fit, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # files; their folders are fsynced after the rename
+            calls.append(fd)
+            if len(calls) > 3:  # the face cache and two checkpoints fit, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
     monkeypatch.setattr(cd.os, "fsync", fsync_until_full)
@@ -199,3 +215,68 @@ def test_fuzzed_files_never_raise_and_every_bad_file_is_reported(tmp_path, capsy
     kinds = {damaged[name] for name in skipped}
     assert {"truncate", "random cat", "swap", "garbage photo"} <= kinds
     assert np.isfinite(ds.faces.float().numpy()).all()
+
+
+def png_header(width, height):
+    """A PNG that declares width x height pixels and holds almost nothing (a decompression bomb)."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_hostile_trees_load_and_report_each_bad_item(tmp_path, capsys, monkeypatch):
+    """A name that is not UTF-8, a folder nested 1,100 deep, a decompression bomb's header and a
+    link back up the tree: the good photos load, each bad one is reported, nothing raises."""
+    good = cd.write_synthetic_dataset(tmp_path / "tree" / "good", count=4, seed=0)
+    tree, first = tmp_path / "tree", sorted(good.glob("*.jpg"))[0]
+    latin1 = os.fsencode(tree) + b"/caf\xe9_000.jpg"
+    shutil.copy(first, latin1)
+    shutil.copy(f"{first}.cat", latin1 + b".cat")
+    deep = str(tree)
+    for _ in range(1100):  # os.makedirs and Path.mkdir recurse too
+        deep += "/d"
+        os.mkdir(deep)
+    shutil.copy(first, f"{deep}/00000042_000.jpg")
+    shutil.copy(f"{first}.cat", f"{deep}/00000042_000.jpg.cat")
+    (tree / "00000099_000.png").write_bytes(png_header(30000, 30000))
+    shutil.copy(f"{first}.cat", tree / "00000099_000.png.cat")
+    os.symlink(tree, tree / "good" / "loop")
+    monkeypatch.setattr(cd, "decode_image", guarded(cd.decode_image))
+    try:
+        ds = cd.CatDataset(tree, 16)
+    finally:  # shutil.rmtree, and so pytest's clean-up, recurses: take the deep folder apart here
+        for name in os.listdir(deep):
+            os.unlink(f"{deep}/{name}")
+        for _ in range(1100):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
+    assert len(ds) == 5  # the 4 good photos and the one at the bottom of the deep folder
+    reasons = {reason: Path(path).name for reason, path in ds.skipped}
+    assert reasons["file name is not valid UTF-8"] == "caf\\xe9_000.jpg"
+    assert reasons["image over 89 M pixels (a decompression bomb?)"] == "00000099_000.png"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "caf\\xe9_000.jpg" in err
+
+
+def guarded(decode):
+    """decode_image that fails the test if asked to decode more than 10 M pixels."""
+    def decode_small(data, *args, **kwargs):
+        image = decode(data, *args, **kwargs)
+        assert image.shape[-1] * image.shape[-2] < 10_000_000, "a bomb was decoded"
+        return image
+    return decode_small
+
+
+def test_json_results_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    cd.write_json(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}'
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cd.os, "fsync", no_space)
+    with pytest.raises(OSError, match="r.json is unchanged"):
+        cd.write_json(path, {"a": 2})
+    assert path.read_text() == '{\n  "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
