@@ -336,10 +336,13 @@ def align_face(image, points, size, min_face=MIN_FACE):
 
 
 def flip_faces(images, landmarks):
-    """Mirror faces left-right; landmarks are mirrored and relabelled so the order keeps its meaning."""
-    size = images.shape[-1]
-    marks = TF.horizontal_flip(tv_tensors.KeyPoints(landmarks, canvas_size=(size, size)))
-    return images.flip(-1), marks.as_subclass(torch.Tensor)[..., FLIP_ORDER, :]
+    """Mirror faces left-right; landmarks are mirrored, x -> S - x, and relabelled so the order
+    keeps its meaning. Not torchvision's KeyPoints flip: it maps x -> S - 1 - x (pixel indices),
+    while its resize in `align_face` scales continuous coordinates, so flipped faces got their
+    landmarks a pixel off (test_flip_mirrors_landmarks_and_keeps_their_meaning)."""
+    marks = landmarks[..., FLIP_ORDER, :].clone()
+    marks[..., 0] = images.shape[-1] - marks[..., 0]
+    return images.flip(-1), marks
 
 
 def _align_item(args):

@@ -100,7 +100,7 @@ def test_photo_rotated_by_known_angle_comes_back_level_and_alike(degrees):
     face_a, marks_a = cd.align_face(as_tensor(big), marks, 64)
     face_b, marks_b = cd.align_face(as_tensor(turned), turned_marks, 64)
     check_aligned(marks_b.numpy(), 64)
-    assert torch.allclose(marks_a, marks_b, atol=1.5)
+    assert torch.allclose(marks_a, marks_b, atol=1.0)
     assert (face_a.float() - face_b.float()).abs().mean() < 12  # same face, resampled twice
 
 
@@ -145,7 +145,7 @@ def test_flip_mirrors_landmarks_and_keeps_their_meaning():
     mirrored_marks = np.stack([w - 1 - marks[:, 0], marks[:, 1]], 1)[list(cd.FLIP_ORDER)]
     mirror_face, mirror_marks = cd.align_face(as_tensor(photo.transpose(Image.FLIP_LEFT_RIGHT)),
                                               mirrored_marks.astype(np.float32), 64)
-    assert torch.allclose(mirror_marks, flipped_marks, atol=1.5)
+    assert torch.allclose(mirror_marks, flipped_marks, atol=1.0)
     assert (mirror_face.float() - flipped.float()).abs().mean() < 12
 
 
