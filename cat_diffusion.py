@@ -149,16 +149,19 @@ def read_checkpoint(path, want="model"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: .cat files, face alignment, the preprocessing cache, CatDataset, synthetic cats
+# Data: .cat files, face alignment, the preprocessing cache, CatDataset, synthetic cats, the
+# data folder to train on
 # ----------------------------------------------------------------------------------------------
 
+# Past alignment, landmarks are in face coordinates: (x, y) as fractions of the aligned face's
+# side, (0, 0) its top-left corner, so the same numbers fit a face at any size.
 LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 2", "left ear 3",
              "right ear 1", "right ear 2", "right ear 3")
 # A mirror image swaps sides; ear points run around the head, so left ear 1 (outer base) becomes
 # right ear 3 (outer base) and the tips (2) swap with each other.
 FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-ALIGN_VERSION = 2  # bump when alignment output changes: it is part of the cache key
+ALIGN_VERSION = 3  # bump when alignment output changes: it is part of the cache key
 MIN_FACE = 32  # faces whose box is narrower than this many photo pixels are dropped
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # larger photos are refused from their header (PIL's bomb limit)
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cat_diffusion"
@@ -284,14 +287,14 @@ def face_frame(points):
     return center, angle, abs(level[8, 0] - level[3, 0]), level
 
 
-def align_landmarks(points, size):
-    """Where `align_face` puts a face's landmarks, from the points alone: for a .cat file without
-    its photo (a photo's landmarks, or already a face crop's)."""
+def align_landmarks(points):
+    """Where `align_face` puts a face's landmarks (face coordinates), from the points alone: for a
+    .cat file without its photo (a photo's landmarks, or already a face crop's)."""
     _, _, width, level = face_frame(points)
-    face = level / max(width, 1e-6) + np.float32([0.5, 0.4])  # in face widths, the box is [0, 1]
+    face = level / max(width, 1e-6) + np.float32([0.5, 0.4])
     if not np.isfinite(face).all() or np.abs(face - 0.5).max() > 4:  # real faces: within 1.5
         raise BadItem("landmarks far outside the face box (ear bases too close together?)")
-    return torch.from_numpy(face * size).float()
+    return torch.from_numpy(face).float()
 
 
 def align_face(image, points, size, min_face=MIN_FACE):
@@ -301,7 +304,7 @@ def align_face(image, points, size, min_face=MIN_FACE):
     ear bases (left ear 1 to right ear 3) with the eye midpoint at (0.5, 0.4) of it; where it leaves
     the photo the photo is padded (reflected, or edge-repeated when the pad exceeds the photo);
     then an antialiased bicubic resize to `size`. Landmarks travel with the pixels as KeyPoints.
-    Returns (uint8 (3, size, size), float32 (9, 2) landmarks in output pixels).
+    Returns (uint8 (3, size, size), float32 (9, 2) landmarks in face coordinates).
     """
     center, angle, width, _ = face_frame(points)
     cos, sin = math.cos(angle), math.sin(angle)
@@ -331,17 +334,16 @@ def align_face(image, points, size, min_face=MIN_FACE):
     box_top, box_left = round(cy - 0.4 * width), round(cx - 0.5 * width)
     face, marks = TF.crop(face, box_top, box_left, side, side), TF.crop(marks, box_top, box_left, side, side)
     face = TF.resize(face, [size, size], InterpolationMode.BICUBIC, antialias=True)
-    marks = TF.resize(marks, [size, size])
-    return face.as_subclass(torch.Tensor), marks.as_subclass(torch.Tensor).float()
+    return face.as_subclass(torch.Tensor), marks.as_subclass(torch.Tensor).float() / side
 
 
 def flip_faces(images, landmarks):
-    """Mirror faces left-right; landmarks are mirrored, x -> S - x, and relabelled so the order
+    """Mirror faces left-right; landmarks are mirrored, x -> 1 - x, and relabelled so the order
     keeps its meaning. Not torchvision's KeyPoints flip: it maps x -> S - 1 - x (pixel indices),
-    while its resize in `align_face` scales continuous coordinates, so flipped faces got their
-    landmarks a pixel off (test_flip_mirrors_landmarks_and_keeps_their_meaning)."""
+    where the other transforms in `align_face` move continuous coordinates, so flipped faces got
+    their landmarks a pixel off (test_flip_mirrors_landmarks_and_keeps_their_meaning)."""
     marks = landmarks[..., FLIP_ORDER, :].clone()
-    marks[..., 0] = images.shape[-1] - marks[..., 0]
+    marks[..., 0] = 1 - marks[..., 0]
     return images.flip(-1), marks
 
 
@@ -400,6 +402,17 @@ def cached_faces(cache, key, size):
     return (faces, marks, names, bad) if well_formed else None
 
 
+def report_bad_items(root, bad, show=3):
+    """One line per reason: how many items were skipped and the first few paths."""
+    by_reason = {}
+    for reason, path in bad:
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in sorted(by_reason.items()):
+        more = ", ..." if len(paths) > show else ""
+        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{more}",
+              file=sys.stderr)
+
+
 def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     """Aligned faces under `root`: uint8 (N, 3, S, S), float32 (N, 9, 2) landmarks, their
     relative names, and the skipped items as [reason, relative name] pairs.
@@ -438,17 +451,6 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     return faces, marks, names, bad
 
 
-def report_bad_items(root, bad, show=3):
-    """One line per reason: how many items were skipped and the first few paths."""
-    by_reason = {}
-    for reason, path in bad:
-        by_reason.setdefault(reason, []).append(path)
-    for reason, paths in sorted(by_reason.items()):
-        more = ", ..." if len(paths) > show else ""
-        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{more}",
-              file=sys.stderr)
-
-
 def photo_id(name):
     """CAT photo id of a file name: `00000001_005.jpg` -> `00000001` (shots of one cat share it);
     any other name (`IMG_1234.jpg`) is its own id."""
@@ -462,6 +464,16 @@ def in_validation(name, percent):
     return zlib.crc32(photo_id(name).encode()) % 100 < percent
 
 
+def to_model_range(images):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_unit(images):
+    """[-1, 1] (any float dtype, any device) -> float [0, 1] on the CPU."""
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
 class CatDataset(torch.utils.data.Dataset):
     """Landmark-aligned cat faces from a folder in the CAT dataset's format.
 
@@ -469,17 +481,16 @@ class CatDataset(torch.utils.data.Dataset):
     crops), each with a `.cat` sidecar. Faces narrower than `min_face` (default 32) photo pixels are
     dropped, as are unreadable items; each reason is reported once with a count, and
     `skipped` lists them as [reason, relative path] pairs.
-    `dataset[i]` is (image float (3, S, S) in [-1, 1], landmarks float (9, 2) in its pixels).
+    `dataset[i]` is (image float (3, S, S) in [-1, 1], landmarks float (9, 2) in face coordinates).
     `split` is None (all), "train" or "val" (`val_percent` of photo ids, chosen by hash).
     """
 
-    def __init__(self, image_dir, image_size=64, augment=False, min_face=MIN_FACE, split=None,
-                 val_percent=5, cache_dir=None, quiet=False):
-        self.image_dir, self.image_size, self.augment = Path(image_dir), image_size, augment
+    def __init__(self, image_dir, image_size=64, min_face=MIN_FACE, split=None, val_percent=5, cache_dir=None,
+                 quiet=False):
         faces, marks, names, self.skipped = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
         if len(names) == 0:
             raise SystemExit(
-                f"error: no usable annotated cat photos in {self.image_dir.resolve()} (looked for "
+                f"error: no usable annotated cat photos in {Path(image_dir).resolve()} (looked for "
                 f".jpg/.jpeg/.png with .cat files at any depth). Get the CAT dataset (Kaggle: "
                 f"crawford/cat-dataset) and pass --data, or see data/README.md.")
         if split is not None:  # either side may be empty for a handful of photos
@@ -491,15 +502,7 @@ class CatDataset(torch.utils.data.Dataset):
         return len(self.faces)
 
     def __getitem__(self, i):
-        image, marks = self.faces[i], self.landmarks[i]
-        if self.augment and torch.rand(()) < 0.5:
-            image, marks = flip_faces(image, marks)
-        return to_model_range(image), marks
-
-
-def to_model_range(images):
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1
+        return to_model_range(self.faces[i]), self.landmarks[i]
 
 
 # Synthetic cats: drawn in a face frame where the box (outer ear bases) is 1 wide and the eye
@@ -585,8 +588,55 @@ def write_synthetic_dataset(folder, count=700, seed=0):
     return folder
 
 
+GET_THE_DATA = "get the CAT dataset (Kaggle: crawford/cat-dataset) as data/README.md says"
+SYNTHETIC_STAMP = ".drawn-by-cat_diffusion"  # marks a synthetic set as the script's own to replace
+
+
+def resolve_data(folder, synthetic_count, seed, default):
+    """The folder to train on: `folder`, or, when it is the `default` data/ and holds no photos at
+    all, its synthetic/ set, drawn there if need be. Only a folder holding the stamp file, which
+    drawing writes first, is ever deleted: data/synthetic/ redrawn, or a partial draw retried."""
+    pairs, missing, unnamed = find_annotated_photos(folder) if folder.is_dir() else ([], [], [])
+    if not default:
+        if pairs:
+            return folder
+        raise SystemExit(f"error: --data {folder}: no photos with .cat landmark files in it or below it "
+                         f"({len(missing) + len(unnamed)} photos without one); {GET_THE_DATA}")
+    synthetic, partial = folder / "synthetic", folder / ".synthetic.partial"
+    real = [p for p, _ in pairs if synthetic not in p.parents]
+    if real and len(real) < len(pairs):
+        raise SystemExit(f"error: {folder} holds real photos and a synthetic/ set; delete "
+                         f"{synthetic} or pass --data with the real folder")
+    if real:
+        return folder
+    unannotated = [p for p in missing + unnamed if synthetic not in p.parents]
+    if unannotated:
+        raise SystemExit(f"error: {folder} holds {len(unannotated)} photos but none with its .cat landmark "
+                         f"file (e.g. {printable(unannotated[0])}); {GET_THE_DATA}")
+    stamp = f"{synthetic_count} photos, seed {seed}"
+    for drawn in (synthetic, partial):
+        if drawn.exists() and not (drawn / SYNTHETIC_STAMP).is_file():
+            raise SystemExit(f"error: {drawn} exists but was not drawn by this script (no {SYNTHETIC_STAMP} "
+                             f"in it), so it is left alone: move it, or pass --data")
+    if synthetic.exists() and (synthetic / SYNTHETIC_STAMP).read_text() == stamp:
+        return synthetic
+    print(f"No annotated cat photos in {folder.resolve()} ({GET_THE_DATA}); drawing {synthetic_count} "
+          f"synthetic cats into {synthetic}/")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / SYNTHETIC_STAMP).write_text(stamp)
+    write_synthetic_dataset(partial, synthetic_count, seed)
+    if synthetic.exists():
+        shutil.rmtree(synthetic)
+    partial.rename(synthetic)
+    return synthetic
+
+
+
 # ----------------------------------------------------------------------------------------------
-# Model: a convolutional encoder-decoder (U-Net) conditioned on the noise level
+# Models: the denoiser, a convolutional encoder-decoder (U-Net) conditioned on the noise level;
+# the landmark finder that checks landmark-guided samples
 # ----------------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim):
@@ -727,6 +777,28 @@ class DiffusionModel(nn.Module):
         return self.head(h)
 
 
+class LandmarkNet(nn.Module):
+    """A small CNN that finds the 9 landmarks in an aligned face ([-1, 1] images -> (B, 9, 2) in
+    [0, 1] face coordinates): the judge of whether landmark-guided samples follow their landmarks."""
+
+    def __init__(self, image_size=64, width=32):
+        super().__init__()
+        self.config = dict(image_size=image_size, width=width)
+        layers, c = [], 3
+        for i in range(4):  # four halvings, then a linear read-out that keeps where features are
+            layers += [nn.Conv2d(c, width << i, 3, stride=2, padding=1), group_norm(width << i), nn.SiLU(),
+                       nn.Conv2d(width << i, width << i, 3, padding=1), group_norm(width << i), nn.SiLU()]
+            c = width << i
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2  # a stride-2 convolution with padding 1 rounds up
+        self.head = nn.Linear(c * side ** 2, 18)
+
+    def forward(self, x):
+        return self.head(self.features(x)).view(-1, 9, 2) + 0.5
+
+
 # ----------------------------------------------------------------------------------------------
 # Diffusion: DDPM forward process, cosine schedule, v-prediction
 # ----------------------------------------------------------------------------------------------
@@ -784,31 +856,8 @@ ALPHA_BAR = cosine_alpha_bar()
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Devices: CPU or CUDA, bf16 where it runs fast, torchrun's processes
 # ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    augment: bool = True  # random horizontal flips
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto | bf16 | fp32
-    checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
-    grad_accum: int = 1  # micro-batches per step; batch_size is the global batch per step
-    compile: bool = False  # torch.compile the model for training
-    landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
-
 
 def pick_device(name="auto"):
     if name != "auto":
@@ -853,6 +902,38 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def model_device(model):
+    return next(model.parameters()).device
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    augment: bool = True  # random horizontal flips
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32
+    checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
+    grad_accum: int = 1  # micro-batches per step; batch_size is the global batch per step
+    compile: bool = False  # torch.compile the model for training
+    landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
+
+
 def make_ema(model, decay):
     """EMA of the weights via torch.optim.swa_utils.AveragedModel, with the decay warmed up as
     min(decay, (1 + n) / (10 + n)) so that a short run is not dominated by its random start."""
@@ -894,7 +975,7 @@ def validation_loss(model, dataset, device, dtype, batch_size=64):
     for i in range(0, len(dataset), batch_size):
         x0, marks = make_batch(dataset.faces, dataset.landmarks, torch.arange(i, min(i + batch_size, len(dataset))),
                                None, device)
-        cond = marks / x0.shape[-1] if model.config["landmarks"] else None
+        cond = marks if model.config["landmarks"] else None
         with autocast(device, dtype):
             total += diffusion_loss(model, x0, *draw_noise(x0, g), alpha_bar, cond).item() * len(x0)
     return total / len(dataset)
@@ -952,6 +1033,16 @@ def restore(path, ckpt, model, ema, opt, sched, noise_gen, lr):
     return history, step
 
 
+def mean_losses(pending, world):
+    """The pending steps' losses as floats, in one host sync, averaged over torchrun's processes so
+    that every process sees the same numbers and all stop together on a non-finite one."""
+    losses = torch.stack(pending)
+    if world > 1:
+        dist.all_reduce(losses)
+        losses /= world
+    return losses.tolist()
+
+
 def kept_note(step, out_dir):
     checkpoint = Path(out_dir) / "checkpoint.pt"
     if step == 0:
@@ -969,7 +1060,7 @@ def worth_keeping(model, ema, opt, loss_of):
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         return False
     model.eval()
-    loss = loss_of(model)
+    loss = loss_of(model).item()
     model.train()
     return math.isfinite(loss)
 
@@ -1019,13 +1110,19 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             stale.unlink()
     kept = step
 
-    def checkpoint(step):
+    def checkpoint(step, loss_of):
+        """Write the state after `step` if `worth_keeping` it, else stop; returns the step kept."""
+        with autocast(device, dtype):
+            if not worth_keeping(model, ema, opt, loss_of):
+                raise TrainingError(f"the weights after step {step} give a non-finite loss (learning rate "
+                                    f"{cfg.lr} may be too high); {kept_note(kept, out_dir)}")
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
                      torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch,
                      history=history, data=fingerprint, settings=settings or {})
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
+        return step
 
     pending, tic, seen, order = [], time.perf_counter(), 0, None
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
@@ -1039,7 +1136,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             cond = None
             if model.config["landmarks"]:  # condition dropout: one model, with and without landmarks
                 dropped = torch.rand(len(x0), device=device, generator=noise_gen) < cfg.landmark_dropout
-                cond = torch.where(dropped[:, None, None], math.nan, marks / x0.shape[-1])
+                cond = torch.where(dropped[:, None, None], math.nan, marks)
             opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
             mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
@@ -1060,12 +1157,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             end_of_epoch = step % steps_per_epoch == 0
             at_checkpoint = end_of_epoch or step % cfg.checkpoint_every == 0
             if len(pending) == 10 or at_checkpoint:  # one host sync per 10 steps; checked before saving
-                losses = torch.stack(pending)
+                losses = mean_losses(pending, world)
                 pending.clear()
-                if world > 1:  # every rank sees the global mean, so all stop together on a NaN
-                    dist.all_reduce(losses)
-                    losses /= world
-                losses = losses.tolist()
                 if not all(map(math.isfinite, losses)):
                     raise TrainingError(f"loss became {losses[-1]} at step {step} (learning rate {cfg.lr} may be "
                                         f"too high); {kept_note(kept, out_dir)}")
@@ -1076,30 +1169,19 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
             if rank == 0 and at_checkpoint:
-                def loss_of(m):
-                    with autocast(device, dtype):
-                        return diffusion_loss(m, x0[part], t[part], eps[part], alpha_bar,
-                                              None if cond is None else cond[part]).item()
-                if not worth_keeping(model, ema, opt, loss_of):
-                    raise TrainingError(f"the weights after step {step} give a non-finite loss (learning rate "
-                                        f"{cfg.lr} may be too high); {kept_note(kept, out_dir)}")
-                checkpoint(step)
-                kept = step
+                kept = checkpoint(step, lambda m: diffusion_loss(m, x0[part], t[part], eps[part], alpha_bar,
+                                                                 None if cond is None else cond[part]))
             if at_checkpoint:
                 barrier()
     return ema.module.eval(), history
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: DDPM, DDIM and DPM-Solver++(2M) over one time grid; pictures
+# Sampling: DDPM, DDIM and DPM-Solver++(2M) over one time grid, SDEdit; pictures
 # ----------------------------------------------------------------------------------------------
 
 SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}  # name -> default number of steps
 GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (README)
-
-
-def model_device(model):
-    return next(model.parameters()).device
 
 
 def landmarks_for(model, landmarks, n, device):
@@ -1215,6 +1297,17 @@ def generate(model, n=64, steps=None, sampler="dpm++", seed=None):
     return to_unit(sample(model, n, sampler, steps, generator=g))
 
 
+def sdedit(model, faces, strength, generator, landmarks=None, steps=50):
+    """Noise faces ([-1, 1]) to `strength` of the schedule and denoise them with DDIM (Meng et al.
+    2022, SDEdit): low strength keeps the face, high strength keeps only its broad layout.
+    Returns (noised, denoised)."""
+    t = round(strength * (T - 1))
+    faces = faces.to(model_device(model))
+    x = q_sample(faces, ALPHA_BAR[t].to(faces.device), torch.randn(faces.shape, generator=generator, device=faces.device))
+    return x, sample(model, len(faces), "ddim", max(2, round(steps * strength)), x=x, t_start=t,
+                     landmarks=landmarks, progress=False)
+
+
 def write_png(images, path, nrow=8):
     """A grid of images in [0, 1] as a PNG, written atomically."""
     atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=1))
@@ -1229,14 +1322,10 @@ def write_gif(images, path, ms_per_frame=150):
 
 
 def draw_landmarks(images, landmarks):
-    """Images in [0, 1] with their landmarks (pixels; one set for all, or one per image) as red dots."""
+    """Images in [0, 1] with their landmarks (one set for all, or one per image) as red dots."""
     uint8 = images.mul(255).round().byte()
-    marks = landmarks.expand(len(images), 9, 2)
+    marks = landmarks.expand(len(images), 9, 2) * images.shape[-1]
     return torch.stack([draw_keypoints(im, m[None], colors="red", radius=1) for im, m in zip(uint8, marks)]) / 255
-
-
-def to_unit(images):
-    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
 def plot_loss(history, path):
@@ -1287,11 +1376,11 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Editing real faces: SDEdit, DDIM inversion, interpolation, inpainting
+# Editing real faces: DDIM inversion, interpolation, inpainting
 # ----------------------------------------------------------------------------------------------
 
 def face_of_photo(photo, size):
-    """A photo and its .cat sidecar -> (aligned face uint8 (3, S, S), its landmarks in pixels)."""
+    """A photo and its .cat sidecar -> (aligned face uint8 (3, S, S), its landmarks)."""
     photo, cat = Path(photo), sidecar(photo)
     try:
         if cat is None:
@@ -1299,17 +1388,6 @@ def face_of_photo(photo, size):
         return align_face(read_photo(photo), parse_cat_file(cat), size, min_face=1)
     except BadItem as e:
         raise BadItem(f"{photo}: {e}") from None
-
-
-def sdedit(model, faces, strength, generator, landmarks=None, steps=50):
-    """Noise faces ([-1, 1]) to `strength` of the schedule and denoise them with DDIM (Meng et al.
-    2022, SDEdit): low strength keeps the face, high strength keeps only its broad layout.
-    Returns (noised, denoised)."""
-    t = round(strength * (T - 1))
-    faces = faces.to(model_device(model))
-    x = q_sample(faces, ALPHA_BAR[t].to(faces.device), torch.randn(faces.shape, generator=generator, device=faces.device))
-    return x, sample(model, len(faces), "ddim", max(2, round(steps * strength)), x=x, t_start=t,
-                     landmarks=landmarks, progress=False)
 
 
 @torch.no_grad()
@@ -1346,11 +1424,11 @@ def interpolate(model, face_a, face_b, frames=8, steps=50, landmarks_a=None, lan
 
 
 def region_mask(landmarks, size, region):
-    """Boolean (size, size) mask of a face region from its landmarks (pixels): "eyes", "ears",
-    "mouth", or a box "box:x0,y0,x1,y1" in face pixels."""
+    """Boolean (size, size) mask of a face region from its landmarks: "eyes", "ears", "mouth", or
+    a box "box:x0,y0,x1,y1" in face pixels."""
     canvas = Image.new("L", (size, size))
     draw = ImageDraw.Draw(canvas)
-    p = [tuple(xy) for xy in landmarks.tolist()]
+    p = [tuple(xy) for xy in (landmarks * size).tolist()]
     iod = math.dist(p[0], p[1])  # inter-ocular distance sets the scale
     if region.startswith("box:"):
         draw.rectangle([float(v) for v in region[4:].split(",")], fill=1)
@@ -1479,31 +1557,9 @@ def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None,
                 memorisation=memorisation)
 
 
-class LandmarkNet(nn.Module):
-    """A small CNN that finds the 9 landmarks in an aligned face ([-1, 1] images -> (B, 9, 2) in
-    [0, 1] face coordinates): the judge of whether landmark-guided samples follow their landmarks."""
-
-    def __init__(self, image_size=64, width=32):
-        super().__init__()
-        self.config = dict(image_size=image_size, width=width)
-        layers, c = [], 3
-        for i in range(4):  # four halvings, then a linear read-out that keeps where features are
-            layers += [nn.Conv2d(c, width << i, 3, stride=2, padding=1), group_norm(width << i), nn.SiLU(),
-                       nn.Conv2d(width << i, width << i, 3, padding=1), group_norm(width << i), nn.SiLU()]
-            c = width << i
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        side = image_size
-        for _ in range(4):
-            side = (side + 1) // 2  # a stride-2 convolution with padding 1 rounds up
-        self.head = nn.Linear(c * side ** 2, 18)
-
-    def forward(self, x):
-        return self.head(self.features(x)).view(-1, 9, 2) + 0.5
-
-
 def landmark_error(net, images, landmarks, batch_size=256):
-    """Mean distance in pixels between the landmarks `net` finds in `images` ([-1, 1]) and `landmarks`
-    (pixels of the same images)."""
+    """Mean distance in pixels between the landmarks `net` finds in `images` ([-1, 1]) and
+    `landmarks`."""
     device = model_device(net)
     dtype = autocast_dtype(device)
     net.eval()
@@ -1511,7 +1567,7 @@ def landmark_error(net, images, landmarks, batch_size=256):
     with torch.no_grad(), autocast(device, dtype):
         for chunk in images.split(batch_size):
             found.append(net(chunk.to(device, memory_format=torch.channels_last)).float().cpu())
-    return ((torch.cat(found) * images.shape[-1] - landmarks.cpu()).norm(dim=-1)).mean().item()
+    return ((torch.cat(found) - landmarks.cpu()) * images.shape[-1]).norm(dim=-1).mean().item()
 
 
 def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0, device="auto"):
@@ -1532,7 +1588,7 @@ def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0
         for idx in order[:steps_per_epoch * batch_size].split(batch_size):
             x, marks = make_batch(data.faces, data.landmarks, idx, flips[idx], device)
             with autocast(device, dtype):
-                loss = F.l1_loss(net(x).float(), marks / x.shape[-1])
+                loss = F.l1_loss(net(x).float(), marks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1549,9 +1605,8 @@ def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler="dpm
     Also the SWD of the conditioned samples against those faces (guidance trades it for adherence)."""
     m = min(n, len(val_faces))
     marks = val_landmarks[:m]
-    cond = marks / model.config["image_size"]
     g = torch.Generator(model_device(model)).manual_seed(seed)
-    conditioned = sample(model, m, sampler, steps, generator=g, landmarks=cond, guidance=guidance)
+    conditioned = sample(model, m, sampler, steps, generator=g, landmarks=marks, guidance=guidance)
     unconditional = sample(model, m, sampler, steps, generator=g)
     real = to_model_range(val_faces[:m])
     swd_conditioned = swd(conditioned, real, seed)
@@ -1823,201 +1878,6 @@ def existing_dir(text):
     return Path(text)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with each error on one line: what is wrong, and where the options are listed."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser(resumed=None):
-    """The command line; `resumed` (a checkpoint's settings) become the train command's defaults."""
-    parser = Parser(
-        prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample from it. "
-        "With no command, `train` runs.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    tr = commands.add_parser("train", help="train on a CAT-format folder (the default command)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tr.add_argument("--data", type=Path, default=Path("data"),
-                    help="folder of CAT photos with .cat files, at any depth; when the default "
-                         "data/ holds none, a synthetic set is drawn into data/synthetic/")
-    tr.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs, help="passes over the training faces")
-    tr.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
-    tr.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size,
-                    help="faces per optimizer step in all: under torchrun split over the processes "
-                         "(the learning rate is not rescaled), with --grad-accum over micro-batches")
-    tr.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
-    tr.add_argument("--warmup-steps", type=positive_int, default=TrainConfig.warmup_steps,
-                    help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
-    tr.add_argument("--ema-decay", type=decay_arg, default=TrainConfig.ema_decay,
-                    help="EMA decay of the sampling weights (warmed up from 0.1)")
-    tr.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
-    tr.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
-    tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
-    tr.add_argument("--landmarks", action="store_true",
-                    help="condition on the 9 landmarks (dropped for 15%% of faces, so the model also "
-                         "samples without them): enables sample --landmarks/--like and --guidance")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model for training "
-                    "(a minute of compiling; pays off on GPUs)")
-    tr.add_argument("--grad-accum", type=positive_int, default=1, metavar="K",
-                    help="split each batch into K micro-batches (same result, less memory); "
-                         "--batch-size stays the global batch per step")
-    tr.add_argument("--synthetic-count", type=positive_int, default=700,
-                    help="photos in the synthetic set drawn when there is no data")
-    tr.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
-                    help="steps between checkpoints (one is also written after every epoch)")
-    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
-                         "a larger --epochs extends it, --lr changes the learning rate from there on")
-    tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
-    sa = commands.add_parser("sample", help="generate faces with a trained model",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sa.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
-    sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
-    sa.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
-                    help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
-    sa.add_argument("--steps", type=positive_int, default=None,
-                    help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
-    layout = sa.add_mutually_exclusive_group()
-    layout.add_argument("--landmarks", type=existing_file, metavar="FILE.cat",
-                        help="cats with this face layout: a .cat file of a photo or a face crop "
-                             "(a model trained with --landmarks)")
-    layout.add_argument("--like", type=existing_file, metavar="PHOTO",
-                        help="cats with the face layout of PHOTO (its .cat file beside it)")
-    ev = commands.add_parser("eval", help="measure sample quality against held-out faces",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
-    ev.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
-    ev.add_argument("-n", type=positive_int, default=1000, help="number of samples")
-    ev.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
-                    help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
-    ev.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the sampler's)")
-    ev.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    ev.add_argument("--landmark-net", type=existing_file, default=None, metavar="PATH",
-                    help="with a landmark model: also measure how well samples follow their landmarks, "
-                         "with this net from fit-landmarks")
-    for p in (sa, ev):
-        p.add_argument("--guidance", type=positive_float, default=GUIDANCE,
-                       help="classifier-free guidance scale for landmark models (1: none)")
-    rc = commands.add_parser("reconstruct", help="noise a real face and denoise it (SDEdit), or invert it",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
-    rc.add_argument("--strength", type=fraction, default=0.5, help="how far to noise: 0 none, 1 pure noise")
-    rc.add_argument("--invert", action="store_true",
-                    help="DDIM inversion instead: the noise that DDIM maps back onto the face")
-    ip = commands.add_parser("interpolate", help="morph between two real faces through the model's noise space",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ip.add_argument("photos", type=existing_file, nargs=2, metavar="PHOTO", help="two photos with .cat files")
-    ip.add_argument("--frames", type=positive_int, default=8, help="faces in the strip and the GIF")
-    inp = commands.add_parser("inpaint", help="regenerate a region of a real face, keeping the rest exactly",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    inp.add_argument("photo", type=existing_file, help="a photo with its .cat file")
-    inp.add_argument("--region", required=True, type=region_arg, metavar="REGION",
-                    help="eyes, ears, mouth, or box:x0,y0,x1,y1 in the aligned face's pixels")
-    inp.add_argument("-n", type=positive_int, default=8, help="number of versions")
-    for p in (rc, ip, inp):
-        p.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
-        p.add_argument("--steps", type=positive_int, default=50 if p is inp else 100,
-                       help="DDPM steps (inpaint) or DDIM steps (more invert more exactly: on the cat faces "
-                            "50 give 21-26 dB, 100 give 27-32 dB)")
-    fl = commands.add_parser("fit-landmarks", help="train the landmark net that eval uses to check "
-                             "landmark-guided samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
-    fl.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
-    fl.add_argument("--epochs", type=positive_int, default=15, help="passes over the training faces")
-    fl.add_argument("--name", type=name_arg, default="LandmarkNet", help="the weights go to NAME.pth")
-    be = commands.add_parser("bench", help="measure training and sampling speed",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    be.add_argument("--image-size", type=image_size_arg, default=64, help="face size in pixels")
-    be.add_argument("--width", type=positive_int, default=32, help="base channels of the model")
-    be.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
-    be.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="faces per step")
-    be.add_argument("--compile", action="store_true", help="time training through torch.compile")
-    be.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    for p in (tr, sa, ev, rc, ip, inp, fl, be):
-        p.add_argument("--device", type=device_arg, default="auto",
-                       help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-        p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                       help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-        p.add_argument("--seed", type=seed_arg, default=0, help="random seed: the same seed gives the same run")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace files that exist already (without it, the command refuses to start)")
-    for p, folder in ((tr, "outputs"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
-                      (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
-        p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
-                       + (" and checkpoints" if p is tr else ""))
-    tr.set_defaults(**resumed or {})
-    return parser
-
-
-def parse_args(argv):
-    """Parse the command line. `train --resume` takes the checkpoint's settings as its defaults
-    (with OUT its folder), so that only what changes needs saying."""
-    argv = list(argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv.insert(0, "train")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.run_settings = None
-    if args.command == "train" and args.resume is not None:
-        resume = Path(args.resume or args.out / "checkpoint.pt")
-        if not resume.is_file():
-            parser.error(f"argument --resume: no such file: {resume}")
-        saved = read_checkpoint(resume, want="training").get("settings", {})
-        defaults = {k: v for k, v in saved.items() if k in vars(args) and k not in ("command", "resume", "overwrite")}
-        parser = build_parser({**defaults, "out": str(resume.parent)})
-        args = parser.parse_args(argv)
-        args.resume, args.run_settings = resume, saved
-    if args.command == "train" and args.data != Path("data") and not args.data.is_dir():
-        parser.error(f"argument --data: no such folder: {args.data}")
-    return args
-
-
-GET_THE_DATA = "get the CAT dataset (Kaggle: crawford/cat-dataset) as data/README.md says"
-SYNTHETIC_STAMP = ".drawn-by-cat_diffusion"  # marks a synthetic set as the script's own to replace
-
-
-def resolve_data(folder, synthetic_count, seed, default):
-    """The folder to train on: `folder`, or, when it is the `default` data/ and holds no photos at
-    all, its synthetic/ set, drawn there if need be. Only a folder holding the stamp file, which
-    drawing writes first, is ever deleted: data/synthetic/ redrawn, or a partial draw retried."""
-    pairs, missing, unnamed = find_annotated_photos(folder) if folder.is_dir() else ([], [], [])
-    if not default:
-        if pairs:
-            return folder
-        raise SystemExit(f"error: --data {folder}: no photos with .cat landmark files in it or below it "
-                         f"({len(missing) + len(unnamed)} photos without one); {GET_THE_DATA}")
-    synthetic, partial = folder / "synthetic", folder / ".synthetic.partial"
-    real = [p for p, _ in pairs if synthetic not in p.parents]
-    if real and len(real) < len(pairs):
-        raise SystemExit(f"error: {folder} holds real photos and a synthetic/ set; delete "
-                         f"{synthetic} or pass --data with the real folder")
-    if real:
-        return folder
-    unannotated = [p for p in missing + unnamed if synthetic not in p.parents]
-    if unannotated:
-        raise SystemExit(f"error: {folder} holds {len(unannotated)} photos but none with its .cat landmark "
-                         f"file (e.g. {printable(unannotated[0])}); {GET_THE_DATA}")
-    stamp = f"{synthetic_count} photos, seed {seed}"
-    for drawn in (synthetic, partial):
-        if drawn.exists() and not (drawn / SYNTHETIC_STAMP).is_file():
-            raise SystemExit(f"error: {drawn} exists but was not drawn by this script (no {SYNTHETIC_STAMP} "
-                             f"in it), so it is left alone: move it, or pass --data")
-    if synthetic.exists() and (synthetic / SYNTHETIC_STAMP).read_text() == stamp:
-        return synthetic
-    print(f"No annotated cat photos in {folder.resolve()} ({GET_THE_DATA}); drawing {synthetic_count} "
-          f"synthetic cats into {synthetic}/")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / SYNTHETIC_STAMP).write_text(stamp)
-    write_synthetic_dataset(partial, synthetic_count, seed)
-    if synthetic.exists():
-        shutil.rmtree(synthetic)
-    partial.rename(synthetic)
-    return synthetic
-
-
 def finish_figures(out, names):
     print("wrote " + ", ".join(str(out / n) for n in names))
     if HAS_DISPLAY:
@@ -2067,7 +1927,7 @@ def run_train(args):
     shown = val_set or train_set
     k = min(8, len(shown))
     plot_reconstructions(ema, to_model_range(shown.faces[:k]), args.out / "reconstructions.png",
-                         landmarks=shown.landmarks[:k] / args.image_size if args.landmarks else None)
+                         landmarks=shown.landmarks[:k] if args.landmarks else None)
     g = torch.Generator(model_device(ema)).manual_seed(args.seed)
     write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
@@ -2082,11 +1942,10 @@ def load_diffusion_model(path, device):
 
 
 def landmarks_of(model, photo):
-    """A photo's aligned face, its landmarks in pixels, and them normalised as the condition of a
-    landmark model (None for a model without landmarks)."""
-    size = model.config["image_size"]
-    face, marks = face_of_photo(photo, size)
-    return face, marks, marks / size if model.config["landmarks"] else None
+    """A photo's aligned face, its landmarks, and them again as the condition of a landmark model
+    (None for a model without landmarks)."""
+    face, marks = face_of_photo(photo, model.config["image_size"])
+    return face, marks, marks if model.config["landmarks"] else None
 
 
 def run_sample(args):
@@ -2094,7 +1953,7 @@ def run_sample(args):
     claim_outputs([args.out / "samples.png", *(args.out / f"sample_{i:04d}.png" for i in range(args.n)),
                    *([args.out / "samples_landmarks.png"] if layout else [])], args.overwrite)
     model = load_diffusion_model(args.model, args.device)
-    size, marks = model.config["image_size"], None
+    marks = None
     if layout:
         if not model.config["landmarks"]:
             raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
@@ -2103,12 +1962,12 @@ def run_sample(args):
         if cat is None:
             raise BadItem(f"{layout}: no landmarks: expected {layout.name}.cat beside it")
         try:
-            marks = align_landmarks(parse_cat_file(cat), size)
+            marks = align_landmarks(parse_cat_file(cat))
         except BadItem as e:
             raise BadItem(f"{cat}: {e}") from None
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision,
-                            landmarks=None if marks is None else marks / size, guidance=args.guidance))
+                            landmarks=marks, guidance=args.guidance))
     args.out.mkdir(parents=True, exist_ok=True)
     write_png(images, args.out / "samples.png", nrow=8)
     for i, image in enumerate(images):
@@ -2242,6 +2101,157 @@ def run_bench(args):
         write_json(args.json, r)
 
 
+COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "reconstruct": run_reconstruct,
+            "interpolate": run_interpolate, "inpaint": run_inpaint, "fit-landmarks": run_fit_landmarks,
+            "bench": run_bench}
+
+class Parser(argparse.ArgumentParser):
+    """argparse with each error on one line: what is wrong, and where the options are listed."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def defaults_of(fn):
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+
+def shared_options():
+    """Options that several commands take, each written once (argparse parent parsers), with the
+    defaults of the code they feed."""
+    model, cfg = defaults_of(DiffusionModel), TrainConfig
+    common, size, width, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(6))
+    common.add_argument("--device", type=device_arg, default=cfg.device,
+                        help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
+                        help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    common.add_argument("--seed", type=seed_arg, default=cfg.seed, help="random seed: the same seed gives the same run")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace files that exist already (without it, the command refuses to start)")
+    size.add_argument("--image-size", type=image_size_arg, default=model["image_size"], help="face size in pixels")
+    width.add_argument("--width", type=positive_int, default=model["base_channels"], help="base channels of the model")
+    width.add_argument("--blocks", type=positive_int, default=model["blocks"], help="residual blocks per stage")
+    width.add_argument("--batch-size", type=positive_int, default=cfg.batch_size,
+                       help="faces per optimizer step, all processes together under torchrun (the learning "
+                            "rate is not rescaled)")
+    model_file.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
+                          help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
+    sampling.add_argument("--steps", type=positive_int, default=None,
+                          help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
+    sampling.add_argument("--guidance", type=positive_float, default=GUIDANCE,
+                          help="classifier-free guidance scale for landmark models (1: none)")
+    json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    return common, size, width, model_file, sampling, json_out
+
+
+def build_parser(resumed=None):
+    """The command line; `resumed` (a checkpoint's settings) become the train command's defaults."""
+    parser = Parser(prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample "
+                    "from it. With no command, `train` runs.")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    common, size, width, model_file, sampling, json_out = shared_options()
+    cfg, fit = TrainConfig, defaults_of(fit_landmarks)
+
+    def command(name, description, *parents):
+        return commands.add_parser(name, help=description, description=description, parents=[*parents, common],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    tr = command("train", "train on a CAT-format folder (the default command)", size, width)
+    tr.add_argument("--data", type=Path, default=Path("data"),
+                    help="folder of CAT photos with .cat files, at any depth; when the default "
+                         "data/ holds none, a synthetic set is drawn into data/synthetic/")
+    tr.add_argument("--epochs", type=positive_int, default=cfg.epochs, help="passes over the training faces")
+    tr.add_argument("--lr", type=positive_float, default=cfg.lr, help="peak AdamW learning rate")
+    tr.add_argument("--warmup-steps", type=positive_int, default=cfg.warmup_steps,
+                    help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
+    tr.add_argument("--ema-decay", type=decay_arg, default=cfg.ema_decay,
+                    help="EMA decay of the sampling weights (warmed up from 0.1)")
+    tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    tr.add_argument("--landmarks", action="store_true",
+                    help="condition on the 9 landmarks (dropped for 15%% of faces, so the model also "
+                         "samples without them): enables sample --landmarks/--like and --guidance")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model for training "
+                    "(a minute of compiling; pays off on GPUs)")
+    tr.add_argument("--grad-accum", type=positive_int, default=cfg.grad_accum, metavar="K",
+                    help="split each batch into K micro-batches (same result, less memory); "
+                         "--batch-size stays the global batch per step")
+    tr.add_argument("--synthetic-count", type=positive_int, default=defaults_of(write_synthetic_dataset)["count"],
+                    help="photos in the synthetic set drawn when there is no data")
+    tr.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
+                    help="steps between checkpoints (one is also written after every epoch)")
+    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                    help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
+                         "a larger --epochs extends it, --lr changes the learning rate from there on")
+    tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
+    sa = command("sample", "generate faces with a trained model", model_file, sampling)
+    sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
+    layout = sa.add_mutually_exclusive_group()
+    layout.add_argument("--landmarks", type=existing_file, metavar="FILE.cat",
+                        help="cats with this face layout: a .cat file of a photo or a face crop "
+                             "(a model trained with --landmarks)")
+    layout.add_argument("--like", type=existing_file, metavar="PHOTO",
+                        help="cats with the face layout of PHOTO (its .cat file beside it)")
+    ev = command("eval", "measure sample quality against held-out faces", model_file, sampling, json_out)
+    ev.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
+    ev.add_argument("-n", type=positive_int, default=defaults_of(evaluate)["n"], help="number of samples")
+    ev.add_argument("--landmark-net", type=existing_file, default=None, metavar="PATH",
+                    help="with a landmark model: also measure how well samples follow their landmarks, "
+                         "with this net from fit-landmarks")
+    rc = command("reconstruct", "noise a real face and denoise it (SDEdit), or invert it", model_file)
+    rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
+    rc.add_argument("--strength", type=fraction, default=0.5, help="how far to noise: 0 none, 1 pure noise")
+    rc.add_argument("--invert", action="store_true",
+                    help="DDIM inversion instead: the noise that DDIM maps back onto the face")
+    ip = command("interpolate", "morph between two real faces through the model's noise space", model_file)
+    ip.add_argument("photos", type=existing_file, nargs=2, metavar="PHOTO", help="two photos with .cat files")
+    ip.add_argument("--frames", type=positive_int, default=8, help="faces in the strip and the GIF")
+    inp = command("inpaint", "regenerate a region of a real face, keeping the rest exactly", model_file)
+    inp.add_argument("photo", type=existing_file, help="a photo with its .cat file")
+    inp.add_argument("--region", required=True, type=region_arg, metavar="REGION",
+                     help="eyes, ears, mouth, or box:x0,y0,x1,y1 in the aligned face's pixels")
+    inp.add_argument("-n", type=positive_int, default=8, help="number of versions")
+    for p in (rc, ip):
+        p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps: more invert more exactly "
+                       "(on the cat faces 50 give 21-26 dB, 100 give 27-32 dB)")
+    inp.add_argument("--steps", type=positive_int, default=defaults_of(inpaint)["steps"], help="DDPM steps")
+    fl = command("fit-landmarks", "train the landmark net that eval uses to check landmark-guided samples", size)
+    fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
+    fl.add_argument("--epochs", type=positive_int, default=fit["epochs"], help="passes over the training faces")
+    fl.add_argument("--name", type=name_arg, default="LandmarkNet", help="the weights go to NAME.pth")
+    be = command("bench", "measure training and sampling speed", size, width, json_out)
+    be.add_argument("--compile", action="store_true", help="time training through torch.compile")
+    for p, folder in ((tr, "outputs"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
+                      (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
+        p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
+                       + (" and checkpoints" if p is tr else ""))
+    tr.set_defaults(**resumed or {})
+    return parser
+
+
+def parse_args(argv):
+    """Parse the command line. `train --resume` takes the checkpoint's settings as its defaults
+    (with OUT its folder), so that only what changes needs saying."""
+    argv = list(argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "train")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.run_settings = None
+    if args.command == "train" and args.resume is not None:
+        resume = Path(args.resume or args.out / "checkpoint.pt")
+        if not resume.is_file():
+            parser.error(f"argument --resume: no such file: {resume}")
+        saved = read_checkpoint(resume, want="training").get("settings", {})
+        defaults = {k: v for k, v in saved.items() if k in vars(args) and k not in ("command", "resume", "overwrite")}
+        parser = build_parser({**defaults, "out": str(resume.parent)})
+        args = parser.parse_args(argv)
+        args.resume, args.run_settings = resume, saved
+    if args.command == "train" and args.data != Path("data") and not args.data.is_dir():
+        parser.error(f"argument --data: no such folder: {args.data}")
+    return args
+
+
 def start_distributed(args):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, Gloo on CPUs)."""
     if args.command != "train":
@@ -2277,10 +2287,6 @@ def main(argv=None):
         if distributed:
             dist.destroy_process_group()
 
-
-COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "reconstruct": run_reconstruct,
-            "interpolate": run_interpolate, "inpaint": run_inpaint, "fit-landmarks": run_fit_landmarks,
-            "bench": run_bench}
 
 if __name__ == "__main__":
     main()

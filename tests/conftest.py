@@ -1,13 +1,10 @@
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cat_diffusion.py
 
 import cat_diffusion as cd  # noqa: E402
 
@@ -30,18 +27,13 @@ def private_cache(tmp_path, monkeypatch):
     return tmp_path / "face-cache"
 
 
-def write_cat(path, points):
-    """A .cat file exactly as the dataset has them: count, integers, trailing space, no newline."""
-    values = " ".join(str(int(round(v))) for v in np.asarray(points).reshape(-1))
-    Path(path).write_text(f"{len(points)} {values} ")
-
-
 @pytest.fixture
 def cat_folder(tmp_path):
     """A tiny synthetic folder in the CAT format: 12 photos with their .cat files."""
     return cd.write_synthetic_dataset(tmp_path / "cats", count=12, seed=1)
 
 
-def needs_shared(name):
-    path = SHARED_DATA / name
-    return pytest.mark.skipif(not path.is_dir(), reason=f"{path} is absent (real CAT data)")
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """40 synthetic photos in the CAT format (36 land in the training split); read only."""
+    return cd.write_synthetic_dataset(tmp_path_factory.mktemp("photos"), count=40, seed=0)

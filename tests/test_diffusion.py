@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import cat_diffusion as cd
+from helpers import gaussian_oracle
 
 
 def tiny_model(size=16, seed=0):
@@ -47,36 +48,6 @@ class PointOracle(nn.Module):
         a, s = ab.sqrt(), (1 - ab).sqrt()
         eps = (x.double() - a * self.x_star) / s
         return (a * eps - s * self.x_star).float()
-
-
-class GaussianOracle(nn.Module):
-    """The exact (posterior-mean) v-prediction for data x0 ~ N(mu, s^2 I), independent pixels:
-    E[x0 | x_t] = mu + sqrt(ab) s^2 / (ab s^2 + 1 - ab) (x_t - sqrt(ab) mu)."""
-
-    def __init__(self, mu, s):
-        super().__init__()
-        self.config = {"image_size": mu.shape[-1]}
-        self.dummy = nn.Parameter(torch.zeros(()))
-        self.mu, self.s = mu.double(), s
-
-    def forward(self, x, t, landmarks=None):
-        ab = cd.ALPHA_BAR[t].double()[:, None, None, None]
-        a, sigma, x = ab.sqrt(), (1 - ab).sqrt(), x.double()
-        x0 = self.mu + a * self.s ** 2 / (ab * self.s ** 2 + 1 - ab) * (x - a * self.mu)
-        eps = (x - a * x0) / sigma
-        return (a * eps - sigma * x0).float()
-
-    def ode_endpoint(self, x_start, t_start):
-        """Where the probability-flow ODE takes x_start (at t_start) at t = 0, then denoised: for
-        Gaussian data the ODE keeps each pixel's z-score. Returns E[x0 | x at t = 0]."""
-        ab, ab0, s = cd.ALPHA_BAR[t_start].double(), cd.ALPHA_BAR[0].double(), self.s
-        z = (x_start.double() - ab.sqrt() * self.mu) / (ab * s ** 2 + 1 - ab).sqrt()
-        return self.mu + s * (ab0.sqrt() * s / (ab0 * s ** 2 + 1 - ab0).sqrt()) * z
-
-
-def gaussian_oracle(size=8):
-    mu = (torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) - 0.5)
-    return GaussianOracle(mu, s=0.1)  # |mu| + 4.5 s < 1: the samplers' x0 clamp never acts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import cat_diffusion as cd
-from test_diffusion import GaussianOracle, gaussian_oracle
+from helpers import GaussianOracle, gaussian_oracle, run_main
 
 
 def tiny_landmark_model(size=16, seed=0):
@@ -20,8 +20,8 @@ def tiny_landmark_model(size=16, seed=0):
     return model.eval()
 
 
-def layout(n=1, size=16, seed=0):
-    """Plausible normalised landmarks: the synthetic cats' face layout, jittered."""
+def layout(n=1, seed=0):
+    """Plausible landmarks (face coordinates): the synthetic cats' face layout, jittered."""
     base = torch.tensor(cd.SYNTH_LANDMARKS, dtype=torch.float32) + torch.tensor([0.5, 0.4])
     g = torch.Generator().manual_seed(seed)
     return (base + 0.03 * torch.randn(n, 9, 2, generator=g)).clamp(0.05, 0.95)
@@ -46,7 +46,7 @@ def test_align_landmarks_puts_points_where_align_face_puts_them():
         points = points.astype(np.float32)
         image = torch.from_numpy(np.array(photo.convert("RGB"))).permute(2, 0, 1).contiguous()
         _, aligned = cd.align_face(image, points, 64, min_face=1)
-        assert (cd.align_landmarks(points, 64) - aligned).abs().max() < 1.0  # crop rounding only
+        assert (cd.align_landmarks(points) - aligned).abs().max() * 64 < 1.0  # crop rounding only
 
 
 def test_landmark_heatmaps_peak_at_the_landmarks_and_are_empty_without_them():
@@ -59,9 +59,9 @@ def test_landmark_heatmaps_peak_at_the_landmarks_and_are_empty_without_them():
 
 
 def test_region_masks_cover_their_landmarks_and_nothing_far_away():
-    marks = (layout(size=64)[0] * 64)
+    marks = layout()[0]
     eyes, mouth, ears = (cd.region_mask(marks, 64, r) for r in ("eyes", "mouth", "ears"))
-    px = marks.round().long()
+    px = (marks * 64).round().long()
     assert eyes[px[0, 1], px[0, 0]] and eyes[px[1, 1], px[1, 0]] and not eyes[px[2, 1], px[2, 0]]
     assert mouth[px[2, 1], px[2, 0]] and not mouth[px[0, 1], px[0, 0]]
     assert all(ears[y, x] for x, y in px[3:].tolist()) and not ears[px[2, 1], px[2, 0]]
@@ -207,7 +207,7 @@ def shifted(dataset, seed, max_shift=4):
     g = torch.Generator().manual_seed(seed)
     shifts = torch.randint(-max_shift, max_shift + 1, (len(dataset), 2), generator=g)
     faces = torch.stack([f.roll((int(dy), int(dx)), dims=(1, 2)) for f, (dx, dy) in zip(dataset.faces, shifts)])
-    return SimpleNamespace(faces=faces, landmarks=dataset.landmarks + shifts[:, None].float())
+    return SimpleNamespace(faces=faces, landmarks=dataset.landmarks + shifts[:, None].float() / faces.shape[-1])
 
 
 def test_landmark_net_learns_to_find_landmarks(tmp_path):
@@ -217,7 +217,7 @@ def test_landmark_net_learns_to_find_landmarks(tmp_path):
     torch.manual_seed(0)
     net = cd.LandmarkNet(32, width=8)
     errors = cd.fit_landmarks(net, train, val, epochs=30, batch_size=8, device="cpu")
-    guess = (val.landmarks - train.landmarks.mean(0)).norm(dim=-1).mean().item()  # the mean layout
+    guess = 32 * (val.landmarks - train.landmarks.mean(0)).norm(dim=-1).mean().item()  # the mean layout, in px
     assert errors[-1] < 0.7 * guess and errors[-1] < 0.3 * errors[0], (guess, errors)
     path = cd.save_model(net, tmp_path / "net")
     assert isinstance(cd.load_model(None, path), cd.LandmarkNet)
@@ -233,11 +233,8 @@ def test_landmark_net_learns_to_find_landmarks(tmp_path):
 def landmark_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("landmark-run")
     photos = cd.write_synthetic_dataset(tmp / "photos", count=40, seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cd, "CACHE_DIR", tmp / "cache")
-        mp.setattr(cd, "HAS_DISPLAY", False)
-        cd.main(["train", "--data", str(photos), "--landmarks", "--image-size", "16", "--width", "8",
-                 "--epochs", "1", "--batch-size", "8", "--out", str(tmp / "out"), "--name", str(tmp / "M")])
+    run_main(["train", "--data", str(photos), "--landmarks", "--image-size", "16", "--width", "8", "--epochs", "1",
+              "--batch-size", "8", "--out", str(tmp / "out"), "--name", str(tmp / "M")], tmp / "cache")
     return tmp, photos, sorted(photos.glob("*.jpg"))
 
 

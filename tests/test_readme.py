@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 import cat_diffusion as cd
-from conftest import ROOT
+from helpers import ROOT
 
 DOCS = ("README.md", "data/README.md", "tests/benchmarks/RESULTS.md")
 COMMANDS = tuple(cd.COMMANDS)  # train, sample, eval, ...

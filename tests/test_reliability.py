@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
-from conftest import ROOT
+from helpers import ROOT, png_header
 
 TINY = ["--epochs", "4", "--image-size", "16", "--width", "8", "--batch-size", "4",
         "--checkpoint-every", "1", "--precision", "fp32", "--seed", "3"]
@@ -215,14 +214,6 @@ def test_fuzzed_files_never_raise_and_every_bad_file_is_reported(tmp_path, capsy
     kinds = {damaged[name] for name in skipped}
     assert {"truncate", "random cat", "swap", "garbage photo"} <= kinds
     assert np.isfinite(ds.faces.float().numpy()).all()
-
-
-def png_header(width, height):
-    """A PNG that declares width x height pixels and holds almost nothing (a decompression bomb)."""
-    def chunk(kind, data):
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_hostile_trees_load_and_report_each_bad_item(tmp_path, capsys, monkeypatch):

@@ -1,41 +1,24 @@
 """Nothing a user owns is lost or silently replaced: the refusal to overwrite, the synthetic set's
-stamp, the resume rule, recovery after a blow-up, and a table of hostile command lines that must
-each end in one line naming the culprit, with every file that existed before byte-identical."""
-import re
+stamp, the resume rule, and a table of hostile command lines that must each end in one line naming
+the culprit, with every file that existed before byte-identical."""
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 import cat_diffusion as cd
-from conftest import write_cat
+from helpers import hostile_model, png_header, run_main, snapshot, write_cat
 
 TINY = ["--image-size", "16", "--width", "8", "--batch-size", "8", "--precision", "fp32"]
-
-
-def snapshot(root):
-    """Every file under `root` (the face cache aside) and its bytes."""
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "face-cache" not in p.parts}
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return cd.write_synthetic_dataset(tmp_path_factory.mktemp("photos"), count=24, seed=0)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, photos):
     """A finished 2-epoch run: run/checkpoint.pt, run/M.pth and its pictures."""
     folder = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cd, "CACHE_DIR", folder / "face-cache")
-        mp.setattr(cd, "HAS_DISPLAY", False)
-        mp.setitem(cd.SAMPLERS, "dpm++", 2)
-        cd.main(["train", "--data", str(photos), "--epochs", "2", "--out", str(folder / "run"),
-                 "--name", str(folder / "run" / "M"), *TINY])
+    run_main(["train", "--data", str(photos), "--epochs", "2", "--out", str(folder / "run"),
+              "--name", str(folder / "run" / "M"), *TINY], folder / "face-cache")
     return folder / "run"
 
 
@@ -102,7 +85,7 @@ def test_overwrite_starts_the_run_over(run, photos):
     old = run.joinpath("checkpoint.pt").read_bytes()
     train(photos, run, "--epochs", "1", "--seed", "5", "--overwrite")
     ckpt = cd.read_checkpoint(run / "checkpoint.pt", want="training")
-    assert ckpt["train_config"]["seed"] == 5 and ckpt["step"] == 2
+    assert ckpt["train_config"]["seed"] == 5 and ckpt["step"] == 36 // 8
     assert run.joinpath("checkpoint.pt").read_bytes() != old
 
 
@@ -124,117 +107,12 @@ def test_resume_takes_the_checkpoints_settings_and_more_epochs_extend_the_run(ru
     monkeypatch.chdir(tmp_path)  # not where the run was started: every path comes from the checkpoint
     cd.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3"])
     ckpt = cd.read_checkpoint(run / "checkpoint.pt", want="training")
-    steps_per_epoch = 2
-    assert ckpt["step"] == 3 * steps_per_epoch and len(ckpt["history"]["loss"]) == 6
+    steps_per_epoch = 36 // 8  # 36 of the 40 photos are training faces
+    assert ckpt["step"] == 3 * steps_per_epoch and len(ckpt["history"]["loss"]) == 12
     assert ckpt["model_config"]["base_channels"] == 8 and ckpt["train_config"]["batch_size"] == 8
-    assert "epochs 2 -> 3: the cosine decay is re-planned over 6 steps" in capsys.readouterr().err
+    assert "epochs 2 -> 3: the cosine decay is re-planned over 12 steps" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "DiffusionModel.pth").exists()
     assert cd.load_model(None, run / "M").config["image_size"] == 16
-
-
-def test_resume_with_a_new_learning_rate_applies_it_from_the_resume_step(tmp_path):
-    data = TinyFaces()
-    cfg = cd.TrainConfig(epochs=2, batch_size=4, lr=2e-3, warmup_steps=2, ema_decay=0.9, device="cpu",
-                         precision="fp32", checkpoint_every=100)
-    cd.train(tiny_model(), data, cfg, tmp_path)
-    seen = []
-    real_step = torch.optim.AdamW.step
-
-    def spy(self, *args, **kwargs):
-        seen.append(self.param_groups[0]["lr"])
-        return real_step(self, *args, **kwargs)
-
-    longer = cd.dataclasses.replace(cfg, epochs=3, lr=1e-4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.optim.AdamW, "step", spy)
-        cd.train(tiny_model(), data, longer, tmp_path, resume=tmp_path / "checkpoint.pt")
-    total = 15
-    assert seen == pytest.approx([1e-4 * cd.warmup_cosine(s, 2, total) for s in range(10, 15)])
-
-
-class TinyFaces:
-    def __init__(self, n=20, size=16):
-        g = torch.Generator().manual_seed(0)
-        self.faces = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-        self.landmarks = torch.rand(n, 9, 2, generator=g) * size
-
-    def __len__(self):
-        return len(self.faces)
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return cd.DiffusionModel(16, base_channels=8)
-
-
-def test_a_blown_up_run_keeps_a_checkpoint_whose_weights_have_a_finite_loss(tmp_path):
-    """The loss the loop checks was computed before the last update; the checkpoint must not
-    hold weights that only the update after it blew up."""
-    cfg = cd.TrainConfig(epochs=4, batch_size=4, lr=1e30, warmup_steps=1, device="cpu", precision="fp32",
-                         checkpoint_every=1)
-    with pytest.raises(cd.TrainingError, match="resume it with a lower --lr|no checkpoint was written"):
-        cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
-    if not (tmp_path / "checkpoint.pt").exists():
-        return  # blown up in the first step: nothing to keep, and nothing was kept
-    ckpt = cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")
-    model = tiny_model()
-    model.load_state_dict(ckpt["model"])
-    x0 = cd.to_model_range(TinyFaces().faces[:8])
-    t, eps = cd.draw_noise(x0, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.isfinite(cd.diffusion_loss(model, x0, t, eps, cd.ALPHA_BAR))
-
-
-def test_a_blown_up_run_resumes_with_a_lower_learning_rate(tmp_path):
-    data = TinyFaces()
-    cfg = cd.TrainConfig(epochs=6, batch_size=4, lr=2e-3, warmup_steps=1, device="cpu", precision="fp32",
-                         checkpoint_every=1)
-    real, calls = cd.diffusion_loss, [0]
-
-    def nan_in_step_7(*args, **kwargs):  # NaN gradients then poison the weights
-        calls[0] += torch.is_grad_enabled()
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls[0] == 7 and torch.is_grad_enabled() else loss
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cd, "diffusion_loss", nan_in_step_7)
-        with pytest.raises(cd.TrainingError, match="lower --lr"):
-            cd.train(tiny_model(), data, cfg, tmp_path)
-    assert cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")["step"] == 6
-    _, history = cd.train(tiny_model(), data, cd.dataclasses.replace(cfg, lr=1e-4), tmp_path,
-                          resume=tmp_path / "checkpoint.pt")
-    assert len(history["loss"]) == 30 and all(map(torch.isfinite, torch.tensor(history["loss"])))
-
-
-# ----------------------------------------------------------------------------------------------
-# Hostile model files
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("config,problem", [
-    ({"base_channels": 4096}, "describe a model of"),  # building it would take 23 GB
-    ({"image_size": 7}, "image_size=7 is not valid"),
-    ({"image_size": 12}, "do not describe a model"),
-    ({"image_size": "64"}, "image_size='64' is not valid"),
-    ({"base_channels": -8}, "base_channels=-8 is not valid"),
-    ({"blocks": [1, 2]}, "blocks=[1, 2] is not valid"),
-    ({"channel_mults": [1, 2]}, "do not describe a model"),
-    ({"channel_mults": 4}, "channel_mults=4 is not valid"),
-    ({"dropout": float("nan")}, "dropout=nan is not valid"),
-    ({"landmarks": 1}, "landmarks=1 is not valid"),
-    ({"evil": 1}, "unknown model settings"),
-    (["not", "a", "dict"], "unknown model settings"),
-])
-def test_a_hostile_model_config_is_refused_with_checkpoint_error(tmp_path, config, problem):
-    path = hostile_model(tmp_path / "hostile.pth", config)
-    with pytest.raises(cd.CheckpointError, match=re.escape(problem)) as e:
-        cd.load_model(None, path)
-    assert str(path) in str(e.value)
-
-
-def test_a_valid_model_file_still_loads_after_the_checks(tmp_path):
-    model = cd.DiffusionModel(24, base_channels=6, channel_mults=(1, 2, 3, 4), blocks=2, landmarks=True)
-    cd.save_model(model, tmp_path / "M")
-    assert cd.load_model(None, tmp_path / "M").config == model.config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,11 +148,6 @@ def far_cat(path):
     return str(path)
 
 
-def hostile_model(path, config):
-    torch.save({"kind": "model", "class": "DiffusionModel", "config": config, "state_dict": {}}, path)
-    return str(path)
-
-
 # Each case: (id, argv builder (tmp, run, photos) -> argv, text the one-line message must hold).
 CASES = [
     ("data folder without .cat files",
@@ -294,7 +167,7 @@ CASES = [
      lambda t, r, p: ["train", "--resume", str(r / "checkpoint.pt"), "--data", train_only_photos(p, t / "few")],
      "data '"),
     ("resume with fewer epochs",
-     lambda t, r, p: ["train", "--resume", str(r / "checkpoint.pt"), "--epochs", "1"], "1 epochs are only 2"),
+     lambda t, r, p: ["train", "--resume", str(r / "checkpoint.pt"), "--epochs", "1"], "1 epochs are only 4"),
     ("resume of a model file", lambda t, r, p: ["train", "--resume", str(r / "M.pth")], "M.pth: holds only model weights"),
     ("unknown device", lambda t, r, p: ["train", "--device", "bogus"], "argument --device"),
     ("huge seed", lambda t, r, p: ["train", "--seed", str(2 ** 70)], "argument --seed"),
@@ -386,11 +259,3 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, monkeypa
     monkeypatch.setattr(cd, "decode_image", lambda *a, **k: pytest.fail("decoded a bomb"))
     with pytest.raises(cd.BadItem, match="over 89 M pixels"):
         cd.read_photo(bomb)
-
-
-def png_header(width, height):
-    """A PNG that declares width x height pixels and holds almost nothing."""
-    def chunk(kind, data):
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -1,0 +1,155 @@
+"""The training loop: a resumed run equals an uninterrupted one, a new learning rate applies on
+resume, and a loss that blows up stops the run with a checkpoint that is still good."""
+import pytest
+import torch
+
+import cat_diffusion as cd
+from helpers import TinyFaces, assert_same_weights, tiny_model
+
+
+def tiny_config(**changes):
+    return cd.TrainConfig(**{**dict(epochs=2, batch_size=4, lr=2e-3, warmup_steps=3, ema_decay=0.9,
+                                    seed=0, device="cpu", precision="fp32", checkpoint_every=3), **changes})
+
+
+def loss_that_fails_at(call, exception):
+    """diffusion_loss that raises (KeyboardInterrupt) or turns NaN (a float) from the call-th
+    training step on (calls with gradients; the checks before checkpoints run without)."""
+    real, calls = cd.diffusion_loss, [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += torch.is_grad_enabled()
+        loss = real(*args, **kwargs)
+        if calls[0] >= call and torch.is_grad_enabled():
+            if isinstance(exception, float):
+                return loss * exception
+            raise exception
+        return loss
+
+    return wrapped
+
+
+@pytest.fixture(scope="module", params=[6, 8], ids=["interrupted after an epoch-end checkpoint",
+                                                      "interrupted after a mid-epoch checkpoint"])
+def resumed_runs(request, tmp_path_factory):
+    """Run A straight through; run B interrupted (KeyboardInterrupt) in step `interrupt`, then
+    resumed from its last checkpoint into a freshly initialised model."""
+    interrupt, data = request.param, TinyFaces()
+    model_a = tiny_model()
+    ema_a, history_a = cd.train(model_a, data, tiny_config(), tmp_path_factory.mktemp("a"))
+    out_b = tmp_path_factory.mktemp("b")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "diffusion_loss", loss_that_fails_at(interrupt, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            cd.train(tiny_model(), data, tiny_config(), out_b)
+    assert cd.read_checkpoint(out_b / "checkpoint.pt", want="training")["step"] < interrupt
+    model_b = tiny_model(seed=1)
+    ema_b, history_b = cd.train(model_b, data, tiny_config(), out_b, resume=out_b / "checkpoint.pt")
+    return dict(model_a=model_a, ema_a=ema_a, history_a=history_a,
+                model_b=model_b, ema_b=ema_b, history_b=history_b, out_b=out_b)
+
+
+def test_resume_reproduces_the_uninterrupted_weights_exactly(resumed_runs):
+    r = resumed_runs
+    assert_same_weights(r["model_b"], r["model_a"])
+    assert_same_weights(r["ema_b"], r["ema_a"])
+    assert not r["ema_b"].training
+
+
+def test_resume_reproduces_the_uninterrupted_loss_history_exactly(resumed_runs):
+    r = resumed_runs
+    assert len(r["history_a"]["loss"]) == 10
+    assert r["history_b"]["loss"] == r["history_a"]["loss"]
+
+
+def test_load_model_reads_the_ema_weights_of_a_training_checkpoint(resumed_runs):
+    loaded = cd.load_model(None, resumed_runs["out_b"] / "checkpoint.pt")
+    assert_same_weights(loaded, resumed_runs["ema_b"])
+
+
+def test_resume_into_a_model_of_another_width_raises_checkpoint_error(tmp_path):
+    cd.train(tiny_model(), TinyFaces(), tiny_config(epochs=1), tmp_path)
+    wide = cd.DiffusionModel(16, base_channels=16, blocks=1)
+    with pytest.raises(cd.CheckpointError, match="other settings: base_channels 8 -> 16"):
+        cd.train(wide, TinyFaces(), tiny_config(), tmp_path, resume=tmp_path / "checkpoint.pt")
+
+
+def test_huge_learning_rate_stops_training_with_training_error(tmp_path):
+    with pytest.raises(cd.TrainingError, match="loss became") as err:
+        cd.train(tiny_model(), TinyFaces(), tiny_config(lr=1e6, warmup_steps=1, epochs=4), tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_nonfinite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss turns NaN in step 7 (NaN gradients then poison the weights). The last checkpoint
+    written before that is step 6; the run must stop with TrainingError and leave a checkpoint
+    that loads, holds finite weights and is not from a step at or after the first NaN."""
+    monkeypatch.setattr(cd, "diffusion_loss", loss_that_fails_at(7, float("nan")))
+    with pytest.raises(cd.TrainingError, match="loss became nan"):
+        cd.train(tiny_model(), TinyFaces(), tiny_config(epochs=4), tmp_path)
+    ckpt = cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")
+    assert ckpt["step"] == 6, f"checkpoint is from step {ckpt['step']}, after the loss became NaN in step 7"
+    for part in ("model", "ema"):
+        for k, v in ckpt[part].items():
+            assert not v.is_floating_point() or torch.isfinite(v).all(), f"{part}.{k} is not finite"
+    assert all(map(lambda x: x == x, ckpt["history"]["loss"])), "NaN losses in the kept history"
+
+
+
+def test_resume_with_a_new_learning_rate_applies_it_from_the_resume_step(tmp_path):
+    data = TinyFaces()
+    cfg = cd.TrainConfig(epochs=2, batch_size=4, lr=2e-3, warmup_steps=2, ema_decay=0.9, device="cpu",
+                         precision="fp32", checkpoint_every=100)
+    cd.train(tiny_model(), data, cfg, tmp_path)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    longer = cd.dataclasses.replace(cfg, epochs=3, lr=1e-4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        cd.train(tiny_model(), data, longer, tmp_path, resume=tmp_path / "checkpoint.pt")
+    total = 15
+    assert seen == pytest.approx([1e-4 * cd.warmup_cosine(s, 2, total) for s in range(10, 15)])
+
+
+def test_a_blown_up_run_keeps_a_checkpoint_whose_weights_have_a_finite_loss(tmp_path):
+    """The loss the loop checks was computed before the last update; the checkpoint must not
+    hold weights that only the update after it blew up."""
+    cfg = cd.TrainConfig(epochs=4, batch_size=4, lr=1e30, warmup_steps=1, device="cpu", precision="fp32",
+                         checkpoint_every=1)
+    with pytest.raises(cd.TrainingError, match="resume it with a lower --lr|no checkpoint was written"):
+        cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
+    if not (tmp_path / "checkpoint.pt").exists():
+        return  # blown up in the first step: nothing to keep, and nothing was kept
+    ckpt = cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")
+    model = tiny_model()
+    model.load_state_dict(ckpt["model"])
+    x0 = cd.to_model_range(TinyFaces().faces[:8])
+    t, eps = cd.draw_noise(x0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(cd.diffusion_loss(model, x0, t, eps, cd.ALPHA_BAR))
+
+
+def test_a_blown_up_run_resumes_with_a_lower_learning_rate(tmp_path):
+    data = TinyFaces()
+    cfg = cd.TrainConfig(epochs=6, batch_size=4, lr=2e-3, warmup_steps=1, device="cpu", precision="fp32",
+                         checkpoint_every=1)
+    real, calls = cd.diffusion_loss, [0]
+
+    def nan_in_step_7(*args, **kwargs):  # NaN gradients then poison the weights
+        calls[0] += torch.is_grad_enabled()
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 7 and torch.is_grad_enabled() else loss
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "diffusion_loss", nan_in_step_7)
+        with pytest.raises(cd.TrainingError, match="lower --lr"):
+            cd.train(tiny_model(), data, cfg, tmp_path)
+    assert cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")["step"] == 6
+    _, history = cd.train(tiny_model(), data, cd.dataclasses.replace(cfg, lr=1e-4), tmp_path,
+                          resume=tmp_path / "checkpoint.pt")
+    assert len(history["loss"]) == 30 and all(map(torch.isfinite, torch.tensor(history["loss"])))
