@@ -914,6 +914,7 @@ def model_device(model):
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 50
+    minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
     batch_size: int = 32
     lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
     warmup_steps: int = 200
@@ -945,11 +946,24 @@ def make_ema(model, decay):
 
 
 def warmup_cosine(step, warmup, total):
-    """Learning-rate factor: linear warm-up, then cosine decay to 10%."""
+    """Learning-rate factor: linear warm-up, then cosine decay to 10% at step `total` (None: a
+    timed run whose length is not planned yet holds the peak)."""
     if step < warmup:
         return (step + 1) / warmup
+    if total is None:
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+TIMED_STEPS = 40  # steps a run of --minutes times (after its first) before it fixes its length, or fewer
+# if they would take over a twentieth of the time
+
+
+def plan_steps(minutes, step, elapsed, seconds_per_step):
+    """The step total that ends a run of `minutes` on time: the steps done, and as many more as
+    the rest of the time holds at the measured speed."""
+    return step + max(1, int((60 * minutes - elapsed) / seconds_per_step))
 
 
 def epoch_order(n, seed, epoch):
@@ -1003,15 +1017,19 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
     if differ:
         raise CheckpointError(f"{path}: the checkpoint's run had other settings: {', '.join(differ)} "
                               f"(resume with the run's own, or start a new run)")
-    if total < ckpt["step"]:
-        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {cfg.epochs} "
-                              f"epochs are only {total}")
+    if total is not None and total < ckpt["step"]:
+        length = f"{cfg.minutes} minutes" if cfg.minutes else f"{cfg.epochs} epochs"
+        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {length} "
+                              f"are only {total}")
     saved, changes = ckpt["train_config"], []
     if cfg.lr != saved["lr"]:
         changes.append(f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}")
-    if cfg.epochs != saved["epochs"]:
+    if cfg.minutes is None and cfg.epochs != saved["epochs"]:
         changes.append(f"epochs {saved['epochs']} -> {cfg.epochs}: the cosine decay is re-planned over "
                        f"{total} steps")
+    if cfg.minutes is not None and cfg.minutes != saved.get("minutes"):
+        changes.append(f"minutes {saved.get('minutes')} -> {cfg.minutes}: the cosine decay is re-planned over "
+                       f"{total or 'newly timed'} steps")
     return changes
 
 
@@ -1031,6 +1049,15 @@ def restore(path, ckpt, model, ema, opt, sched, noise_gen, lr):
     for group, factor in zip(opt.param_groups, sched.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
     return history, step
+
+
+def agree(value, device, world):
+    """Rank 0's `value` (an integer) on every process, so that all plan the same run."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 def mean_losses(pending, world):
@@ -1090,7 +1117,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
                             f"{cfg.grad_accum} accumulation steps")
     micro = batch // (world * cfg.grad_accum)
     steps_per_epoch = len(data) // batch
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * cfg.epochs if cfg.minutes is None else None  # a timed run plans it below
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
     # Every rank draws the whole batch's noise from one generator and uses its share, so the
     # numbers seen do not depend on the number of processes.
@@ -1101,6 +1128,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
     history, step, fingerprint = {"loss": [], "val": []}, 0, data_fingerprint(data)
     if resume:
         ckpt = read_checkpoint(resume, want="training")
+        if cfg.minutes is not None and ckpt.get("total") is not None:  # planned already: scale it
+            total = round(ckpt["total"] * cfg.minutes / (ckpt["train_config"].get("minutes") or cfg.minutes))
         changes = check_resume(resume, ckpt, model, cfg, fingerprint, total)
         history, step = restore(resume, ckpt, model, ema, opt, sched, noise_gen, cfg.lr)
         if rank == 0:
@@ -1119,14 +1148,15 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
-                     torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch,
+                     torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch, total=total,
                      history=history, data=fingerprint, settings=settings or {})
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
         return step
 
-    pending, tic, seen, order = [], time.perf_counter(), 0, None
+    pending, tic, seen, order, timer = [], time.perf_counter(), 0, None, None
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
-        for step in range(step + 1, total + 1):  # `step` counts the steps done
+        while total is None or step < total:
+            step += 1  # `step` counts the steps done
             epoch, i = divmod(step - 1, steps_per_epoch)
             if order is None or i == 0:
                 order, flips = (t.to(device) for t in epoch_order(len(data), cfg.seed, epoch))
@@ -1154,8 +1184,19 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             ema.update_parameters(model)
             pending.append(loss)
             seen += len(idx)
+            if total is None:  # a timed run: time TIMED_STEPS steps after this process's first, then plan
+                timer, now = timer or (step, time.perf_counter()), time.perf_counter()
+                due = step - timer[0] == TIMED_STEPS or (step > timer[0] and now - tic > 3 * cfg.minutes)
+                if agree(int(due), device, world):  # rank 0 decides: every process plans at the same step
+                    per_step = (now - timer[1]) / (step - timer[0])
+                    total = agree(plan_steps(cfg.minutes, step, now - tic, per_step), device, world)
+                    bar.total = total
+                    if rank == 0:
+                        end = datetime.datetime.now() + datetime.timedelta(seconds=(total - step) * per_step)
+                        tqdm.write(f"{cfg.minutes:g} minutes: {total} steps planned at {per_step:.3f} s a step; "
+                                   f"training ends at about {end:%H:%M}", file=sys.stderr)
             end_of_epoch = step % steps_per_epoch == 0
-            at_checkpoint = end_of_epoch or step % cfg.checkpoint_every == 0
+            at_checkpoint = end_of_epoch or step % cfg.checkpoint_every == 0 or step == total
             if len(pending) == 10 or at_checkpoint:  # one host sync per 10 steps; checked before saving
                 losses = mean_losses(pending, world)
                 pending.clear()
@@ -1537,24 +1578,27 @@ def nearest_distance(queries, references, size=32):
     return torch.cat([torch.cdist(chunk, r).min(1).values for chunk in q.split(256)]).mean().item()
 
 
-def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None, seed=0):
-    """Sample quality against held-out faces: SWD per level, the real-vs-real floor, memorisation.
-
-    Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size m = min(n, len(val)):
-    the floor compares the validation faces with as many training faces.
-    """
-    m = min(n, len(val_faces))
+def sample_quality(samples, train_faces, val_faces, seed=0):
+    """How close `samples` ([-1, 1]) come to held-out faces: SWD per level, the real-vs-real floor,
+    memorisation. Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size
+    m = min(len(samples), len(val)): the floor compares the validation faces with as many training faces."""
+    m = min(len(samples), len(val_faces))
     if len(train_faces) < m:
         raise ValueError(f"need at least {m} training faces for the real-vs-real floor")
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    samples = sample(model, n, sampler, steps, generator=g).cpu()
     val, train = to_model_range(val_faces[:m]), to_model_range(train_faces)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:m]
     fake, floor = swd(samples[:m], val, seed), swd(train[order], val, seed)
     memorisation = nearest_distance(samples, train) / nearest_distance(val, train)
-    return dict(n=n, m=m, sampler=sampler, steps=steps or SAMPLERS[sampler], swd=fake,
-                swd_mean=sum(fake) / len(fake), floor=floor, floor_mean=sum(floor) / len(floor),
-                memorisation=memorisation)
+    return dict(n=len(samples), m=m, swd=fake, swd_mean=sum(fake) / len(fake), floor=floor,
+                floor_mean=sum(floor) / len(floor), memorisation=memorisation)
+
+
+def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None, seed=0):
+    """`sample_quality` of `n` samples of `model`."""
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    samples = sample(model, n, sampler, steps, generator=g).cpu()
+    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler,
+                steps=steps or SAMPLERS[sampler])
 
 
 def landmark_error(net, images, landmarks, batch_size=256):
@@ -1910,7 +1954,7 @@ def run_train(args):
         if rank == 0:
             print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
                       device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
                       grad_accum=args.grad_accum, compile=args.compile)
@@ -2162,6 +2206,9 @@ def build_parser(resumed=None):
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
     tr.add_argument("--epochs", type=positive_int, default=cfg.epochs, help="passes over the training faces")
+    tr.add_argument("--minutes", type=positive_float, default=cfg.minutes,
+                    help="train for this many minutes instead of --epochs: the number of steps is planned "
+                         f"from the speed of the first {TIMED_STEPS + 1}, and the learning-rate schedule ends on time")
     tr.add_argument("--lr", type=positive_float, default=cfg.lr, help="peak AdamW learning rate")
     tr.add_argument("--warmup-steps", type=positive_int, default=cfg.warmup_steps,
                     help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
-from helpers import assert_png, distinct_model, grid_side, run_main
+from helpers import SHARED_DATA, assert_png, distinct_model, grid_side, needs_shared, run_main
 
 FIGURES = ("loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
 
@@ -58,6 +58,24 @@ def test_repl_snippet_loads_the_model_a_default_cli_run_saved(default_run, monke
         assert torch.equal(v, saved[k]), k
     images = cd.generate(loaded_model, 2, steps=2, seed=0)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+@needs_shared("cat-photos")
+def test_a_kaggle_style_folder_goes_to_trained_cats_as_the_readme_says(tmp_path, monkeypatch, capsys):
+    """The README's three steps on real CAT photos laid out as the Kaggle download (data/CAT_00/),
+    with a small model: check the folder, train, sample."""
+    folder = tmp_path / "data" / "CAT_00"
+    folder.mkdir(parents=True)
+    for f in (SHARED_DATA / "cat-photos").iterdir():
+        (folder / f.name).symlink_to(f)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(cd.SAMPLERS, "dpm++", 2)
+    faces = len(cd.CatDataset("data"))
+    assert faces >= 65 and f"{faces} faces of" in capsys.readouterr().err
+    cd.main(["--epochs", "1", "--image-size", "16", "--width", "8", "--batch-size", "16"])
+    cd.main(["sample", "-n", "4"])
+    assert_png(tmp_path / "outputs" / "sample" / "samples.png")
+    assert (tmp_path / "DiffusionModel.pth").is_file() and not (tmp_path / "data" / "synthetic").exists()
 
 
 def test_train_command_writes_model_and_pictures(photos, tmp_path):

@@ -81,6 +81,17 @@ def test_two_torchrun_processes_give_the_weights_of_one_process(photos, single_r
     assert (out / "samples.png").is_file() and (out / "loss_curve.png").is_file()
 
 
+def test_a_timed_run_under_torchrun_plans_one_length_for_every_process(photos, tmp_path):
+    out = tmp_path / "timed"
+    args = [a for a in TINY if a not in ("--epochs", "3")]
+    run = torchrun(tmp_path, "train", "--data", str(photos), *args, "--minutes", "0.1", "--out", str(out),
+                   "--name", str(out / "M"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("steps planned") == 1, "rank 0 alone reports the plan"
+    ckpt = cd.read_checkpoint(out / "checkpoint.pt", "training")
+    assert ckpt["step"] == ckpt["total"] == len(ckpt["history"]["loss"]) > 0
+
+
 FAILING_LAUNCHER = """
 import os, sys
 sys.path.insert(0, {root!r})

@@ -153,3 +153,46 @@ def test_a_blown_up_run_resumes_with_a_lower_learning_rate(tmp_path):
     _, history = cd.train(tiny_model(), data, cd.dataclasses.replace(cfg, lr=1e-4), tmp_path,
                           resume=tmp_path / "checkpoint.pt")
     assert len(history["loss"]) == 30 and all(map(torch.isfinite, torch.tensor(history["loss"])))
+
+
+class StepClock:
+    """A stand-in for time.perf_counter that advances one second per training step."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def loss(self, real):
+        def timed_loss(*args, **kwargs):
+            self.now += torch.is_grad_enabled()
+            return real(*args, **kwargs)
+        return timed_loss
+
+
+def test_a_timed_run_plans_its_steps_to_end_on_time_and_resumes_exactly(tmp_path, monkeypatch):
+    clock = StepClock()
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    monkeypatch.setattr(cd, "diffusion_loss", clock.loss(cd.diffusion_loss))
+    cfg = cd.TrainConfig(minutes=1.5, batch_size=4, warmup_steps=60, ema_decay=0.9, device="cpu", precision="fp32",
+                         checkpoint_every=1000)
+    _, history = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path / "a")
+    assert len(history["loss"]) == 90, "90 steps of one second each fill 1.5 minutes"
+    ckpt = cd.read_checkpoint(tmp_path / "a" / "checkpoint.pt", want="training")
+    assert ckpt["total"] == ckpt["step"] == 90
+    # interrupted after the plan: the resumed run keeps the planned total, whatever the speed now
+    clock.now = 0.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "diffusion_loss", loss_that_fails_at(58, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            cd.train(tiny_model(), TinyFaces(), cd.dataclasses.replace(cfg, checkpoint_every=50), tmp_path / "b")
+    assert cd.read_checkpoint(tmp_path / "b" / "checkpoint.pt", want="training")["total"] == 90
+    _, resumed = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
+    assert resumed["loss"] == history["loss"]
+
+
+def test_a_timed_run_holds_the_peak_rate_until_it_is_planned_then_decays_to_ten_percent():
+    assert cd.warmup_cosine(5, 3, None) == 1.0
+    assert cd.warmup_cosine(99, 3, 100) == pytest.approx(0.1, abs=1e-3)
+    assert cd.plan_steps(1.5, step=41, elapsed=41.0, seconds_per_step=1.0) == 90
