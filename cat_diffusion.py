@@ -519,17 +519,22 @@ def ellipse(cx, cy, rx, ry, n=28):
     return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], 1)
 
 
+def backdrop(rng, w, h):
+    """A plain, muted backdrop, like a wall: a grey with a slight tint, shaded from top to bottom.
+    Measured on the default run's samples.png (chroma spread in the faces' 12x12 corners, 0-255):
+    random bright shapes here 18.0 (confetti), a two-colour gradient 13.0, one bright colour 14.1,
+    muted 8.4 (clean)."""
+    colour = np.clip(rng.uniform(50, 210) + rng.normal(0, 12, 3), 0, 255)
+    shade = np.linspace(1.0, 0.8, h)[:, None, None]
+    return np.broadcast_to(colour * shade, (h, w, 3)).round().astype(np.uint8)
+
+
 def draw_synthetic_cat(rng, photo_size=(256, 192)):
     """One procedurally drawn cat photo and its true 9 landmarks (photo pixels)."""
     scale = 2  # drawn at twice the size, then shrunk, for smooth edges
     w, h = photo_size[0] * scale, photo_size[1] * scale
-    bg = rng.integers(0, 256, 3)
-    img = Image.new("RGB", (w, h), tuple(int(c) for c in bg))
+    img = Image.fromarray(backdrop(rng, w, h))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(2, 7)):  # background clutter
-        x, y, s = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 160)
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([x, y, x + s, y + s * rng.uniform(0.3, 2)], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     marks = SYNTH_LANDMARKS * rng.uniform(0.9, 1.1, SYNTH_LANDMARKS.shape)
     marks[3:] += rng.normal(0, 0.03, (6, 2))
     width = rng.uniform(0.35, 0.75) * h  # box width in pixels
