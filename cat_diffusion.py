@@ -1,6 +1,8 @@
 """cat_diffusion: a small, real denoising diffusion model for cat faces (the CAT dataset).
 
     python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
+    python cat_diffusion.py --minutes 30        # train for a time instead of 50 epochs
+    python cat_diffusion.py --resume            # continue outputs/checkpoint.pt's run
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
     python cat_diffusion.py eval --data DIR     # sample quality against held-out faces
     python cat_diffusion.py train --landmarks   # also conditioned on the 9 landmarks; then
@@ -12,8 +14,9 @@
     >>> from cat_diffusion import DiffusionModel, load_model
     >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
 
-Sections, in data-flow order: files -> data -> model -> diffusion -> training -> sampling and
-plots -> editing -> evaluation -> benchmark -> save/load -> command line.
+Nothing that exists is replaced unless asked (--overwrite). Sections, in data-flow order: files ->
+data -> models -> diffusion -> devices -> training -> sampling and plots -> editing -> evaluation ->
+benchmark -> save/load -> command line.
 """
 import argparse
 import contextlib
