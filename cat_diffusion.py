@@ -1779,18 +1779,23 @@ CONFIG_RANGES = {"image_size": (8, 1024), "base_channels": (1, 4096), "channel_m
                  "attention_below": (0, 1024), "dropout": (0, 1), "landmarks": (0, 1), "width": (1, 4096)}
 
 
+def defaults_of(fn):
+    """The default of each parameter of a function or class."""
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+
 def checked_config(cls, config, path):
     """A model file's config, checked before anything is built from it: known keys, each of its
     default's type and within CONFIG_RANGES, and a model whose weights fit in the file (counted
     on the meta device, which allocates nothing), so that loading costs at most about the file's
     own size in memory."""
-    params = inspect.signature(cls).parameters
-    if not isinstance(config, dict) or not set(config) <= set(params):
-        unknown = sorted(map(str, set(config) - set(params))) if isinstance(config, dict) else config
+    defaults = defaults_of(cls)
+    if not isinstance(config, dict) or not set(config) <= set(defaults):
+        unknown = sorted(map(str, set(config) - set(defaults))) if isinstance(config, dict) else config
         raise CheckpointError(f"{path}: unknown model settings {unknown!r}")
-    config = {**{k: p.default for k, p in params.items()}, **config}
+    config = {**defaults, **config}
     for key, value in config.items():
-        kind, (low, high) = type(params[key].default), CONFIG_RANGES[key]
+        kind, (low, high) = type(defaults[key]), CONFIG_RANGES[key]
         values = value if isinstance(value, (list, tuple)) and kind is tuple else [value]
         ok = isinstance(value, (list, tuple)) == (kind is tuple) and len(values) > 0 and all(
             type(v) is (int if kind is tuple else kind) or (kind is float and type(v) is int) for v in values)
@@ -2162,10 +2167,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def defaults_of(fn):
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
 
 
 def shared_options():

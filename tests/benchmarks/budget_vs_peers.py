@@ -21,6 +21,7 @@ Each finished run is appended to the JSON file and skipped when the script runs 
 can be made in parts (--only NAME to run one contender). Writes quality_vs_time.png beside the JSON.
 """
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -36,16 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
 
 
-def batches(faces, batch, generator):
-    """Endless shuffled batches in [0, 1], each face flipped left-right with probability 1/2."""
-    while True:
-        for idx in torch.randperm(len(faces), generator=generator).split(batch):
-            if len(idx) < batch:
-                continue
-            x = faces[idx].float() / 255
-            flip = torch.rand(len(x), generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-            yield x
+def batches(data, batch):
+    """Endless batches in [0, 1], shuffled and flipped as cat_diffusion's own training does
+    (epoch_order, make_batch)."""
+    for epoch in itertools.count():
+        order, flips = cd.epoch_order(len(data), 0, epoch)
+        for idx in order[:len(order) // batch * batch].split(batch):
+            yield (cd.make_batch(data.faces, data.landmarks, idx, flips[idx], "cpu")[0] + 1) / 2
 
 
 def train_for(seconds, step, plan=None):
@@ -79,7 +77,7 @@ def lucidrains(train_set, minutes, n, out, dim, lr):
     diffusion = GaussianDiffusion(unet, image_size=64, timesteps=1000, sampling_timesteps=50)
     opt = torch.optim.Adam(diffusion.parameters(), lr=lr, betas=(0.9, 0.99))
     ema = EMA(diffusion, beta=0.995, update_every=10)
-    data = batches(train_set.faces, 16, torch.Generator().manual_seed(0))
+    data = batches(train_set, 16)
 
     def step():
         loss = diffusion(next(data))
@@ -109,7 +107,7 @@ def diffusers_small(train_set, minutes, n, out, lr):
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     sched = [None]
     ema = EMAModel(unet.parameters(), inv_gamma=1.0, power=0.75, decay=0.9999, use_ema_warmup=True)
-    data = batches(train_set.faces, 16, torch.Generator().manual_seed(0))
+    data = batches(train_set, 16)
     g = torch.Generator().manual_seed(0)
 
     def plan(total):
