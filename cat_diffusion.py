@@ -8,6 +8,8 @@
     python cat_diffusion.py train --landmarks   # also conditioned on the 9 landmarks; then
     python cat_diffusion.py sample --like PHOTO # cats with that photo's face layout
     python cat_diffusion.py reconstruct|interpolate|inpaint PHOTO ...   # edit real faces
+    python cat_diffusion.py distill --steps 4   # a student of DiffusionModel.pth that samples in 4 steps
+    python cat_diffusion.py serve               # a web page: pose the landmarks, generate, edit
     python cat_diffusion.py bench               # training and sampling speed
     torchrun --nproc-per-node=N cat_diffusion.py train ...              # several GPUs or machines
 
@@ -16,13 +18,15 @@
 
 Nothing that exists is replaced unless asked (--overwrite). Sections, in data-flow order: files ->
 data -> models -> diffusion -> devices -> training -> sampling and plots -> editing -> evaluation ->
-benchmark -> save/load -> command line.
+benchmark -> save/load -> distillation -> studio -> command line.
 """
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime
 import hashlib
+import http.server
 import inspect
 import io
 import json
@@ -33,6 +37,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -739,10 +744,13 @@ class DiffusionModel(nn.Module):
     seed; LandmarkNet error in px at 64 px of 256 samples conditioned on held-out landmarks, real
     faces 2.80, unconditional samples 6.35): heatmaps 5.65 (guidance 1) and 5.28 (guidance 2),
     embedding 6.02 and 6.01. A convolution sees where a heatmap is; an embedding must learn it.
+
+    `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
+    sample in N steps of the "student" sampler, which is then its default.
     """
 
     def __init__(self, image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), blocks=1,
-                 attention_below=8, dropout=0.0, landmarks=False):
+                 attention_below=8, dropout=0.0, landmarks=False, student_steps=0):
         super().__init__()
         if image_size % 8:
             raise ValueError(f"image_size must be divisible by 8 (three halvings), got {image_size}")
@@ -750,7 +758,8 @@ class DiffusionModel(nn.Module):
             raise ValueError("channel_mults needs 4 entries: three encoder stages and the middle")
         self.config = dict(image_size=image_size, base_channels=base_channels,
                            channel_mults=list(channel_mults), blocks=blocks,
-                           attention_below=attention_below, dropout=dropout, landmarks=landmarks)
+                           attention_below=attention_below, dropout=dropout, landmarks=landmarks,
+                           student_steps=student_steps)
         ch = [base_channels * m for m in channel_mults]
         res = [image_size >> i for i in range(4)]
         emb_dim = 4 * base_channels
@@ -1100,8 +1109,9 @@ def worth_keeping(model, ema, opt, loss_of):
     return math.isfinite(loss)
 
 
-def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
-    """Train `model` on `data` (a CatDataset); returns (ema_model, history).
+def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, objective=diffusion_loss):
+    """Train `model` on `data` (a CatDataset) to minimise `objective` (`diffusion_loss`, or a
+    distillation loss with its signature); returns (ema_model, history).
 
     Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps and after every epoch, each
     time from a state checked to be finite (`worth_keeping`); `resume` (a checkpoint path)
@@ -1182,8 +1192,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
                 last = k == cfg.grad_accum - 1  # gradients are averaged over ranks on the last micro-step only
                 with net.no_sync() if world > 1 and not last else contextlib.nullcontext():
                     with autocast(device, dtype):
-                        micro_loss = diffusion_loss(net, x0[part], t[part], eps[part], alpha_bar,
-                                                    None if cond is None else cond[part]) / cfg.grad_accum
+                        micro_loss = objective(net, x0[part], t[part], eps[part], alpha_bar,
+                                               None if cond is None else cond[part]) / cfg.grad_accum
                     micro_loss.backward()
                 loss += micro_loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1218,8 +1228,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
             if rank == 0 and at_checkpoint:
-                kept = checkpoint(step, lambda m: diffusion_loss(m, x0[part], t[part], eps[part], alpha_bar,
-                                                                 None if cond is None else cond[part]))
+                kept = checkpoint(step, lambda m: objective(m, x0[part], t[part], eps[part], alpha_bar,
+                                                            None if cond is None else cond[part]))
             if at_checkpoint:
                 barrier()
     return ema.module.eval(), history
@@ -1229,8 +1239,15 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None):
 # Sampling: DDPM, DDIM and DPM-Solver++(2M) over one time grid, SDEdit; pictures
 # ----------------------------------------------------------------------------------------------
 
-SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}  # name -> default number of steps
+SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "student": 64}  # name -> default number of steps
+DISTILL_FROM = 64  # the steps of the "student" sampler that a trained model's first student halves
 GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (README)
+
+
+def guidance_of(model, guidance=None):
+    """The guidance to sample a landmark model with: as given, else GUIDANCE, or 1 for a distilled
+    student, which has its teacher's built in (see `two_step_target`)."""
+    return guidance or (1.0 if model.config.get("student_steps") else GUIDANCE)
 
 
 def landmarks_for(model, landmarks, n, device):
@@ -1288,7 +1305,13 @@ def time_grid(sampler, steps, t_start=T - 1):
     """Timesteps from `t_start` down to 0: evenly spaced in t for DDPM and DDIM, evenly spaced in
     log-SNR for DPM-Solver++ (Lu et al. 2022, section 3.3), starting at lambda = -6 at the latest
     so that no steps are spent on near-pure noise; repeated timesteps are dropped. Measured on the
-    cat faces (eval -n 128): DPM++ 10 steps SWD 74 with even t, 37 with even log-SNR."""
+    cat faces (eval -n 128): DPM++ 10 steps SWD 74 with even t, 37 with even log-SNR.
+
+    "student": t_start k/N for k = N .. 1 (the last step goes from t_start/N to the clean image),
+    the grid of progressive distillation (Salimans & Ho 2022): the grid of N steps is every other
+    point of the grid of 2N, so a student's one step can learn two of its teacher's."""
+    if sampler == "student":
+        return torch.linspace(t_start, 0, steps + 1)[:-1].round().long()
     if sampler != "dpm++":
         return torch.linspace(t_start, 0, steps).round().long()
     lam = half_log_snr(ALPHA_BAR.double())
@@ -1298,18 +1321,28 @@ def time_grid(sampler, steps, t_start=T - 1):
     return torch.unique_consecutive(ts)
 
 
+def sampler_of(model, sampler=None, steps=None):
+    """The sampler and step count to use: as given, else a distilled student's own ("student",
+    its N steps), else DPM-Solver++ 20 steps."""
+    native = model.config.get("student_steps", 0)
+    sampler = sampler or ("student" if native else "dpm++")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    return sampler, steps or (native if sampler == "student" and native else SAMPLERS[sampler])
+
+
 @torch.no_grad()
-def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, generator=None,
+def sample(model, n=64, sampler=None, steps=None, x=None, t_start=T - 1, generator=None,
            precision="auto", on_step=None, progress=True, landmarks=None, guidance=1.0):
     """Generate `n` images in [-1, 1] from noise `x` at step `t_start` (pure noise by default).
 
     The time grid runs from `t_start` to 0 (see `time_grid`), and each sampler ends with a step
-    to the clean image. `on_step(i, x, x0)` sees every intermediate state. A landmark model takes
-    `landmarks` ((9, 2) or (n, 9, 2) in [0, 1] face coordinates) with `guidance` (see `denoise`).
+    to the clean image; `sampler` and `steps` default to the model's own (see `sampler_of`).
+    `on_step(i, x, x0)` sees every intermediate state. A landmark model takes `landmarks` ((9, 2)
+    or (n, 9, 2) in [0, 1] face coordinates) with `guidance` (see `denoise`; a student has its
+    teacher's guidance distilled in, so 1 is right for it).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    steps = steps or SAMPLERS[sampler]
+    sampler, steps = sampler_of(model, sampler, steps)
     device, size = model_device(model), model.config["image_size"]
     dtype = autocast_dtype(device, precision)
     if x is None:
@@ -1328,7 +1361,7 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
             x = x0  # every sampler's last step lands on its clean estimate (alpha_bar = 1)
         elif sampler == "ddpm":
             x = ddpm_step(x, x0, ab, ab_next, torch.randn(x.shape, device=device, generator=generator))
-        elif sampler == "ddim":
+        elif sampler in ("ddim", "student"):
             x = ddim_step(x0, eps, ab_next)
         else:
             x, h_prev = dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev)
@@ -1338,7 +1371,7 @@ def sample(model, n=64, sampler="dpm++", steps=None, x=None, t_start=T - 1, gene
     return x.clamp(-1, 1).contiguous()
 
 
-def generate(model, n=64, steps=None, sampler="dpm++", seed=None):
+def generate(model, n=64, steps=None, sampler=None, seed=None):
     """REPL helper: `n` new faces as a float tensor (n, 3, S, S) in [0, 1] on the CPU."""
     g = torch.Generator(model_device(model))
     g.manual_seed(seed) if seed is not None else g.seed()
@@ -1413,7 +1446,7 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0, landmarks=No
     return fig
 
 
-def plot_denoising(model, path, n=6, snapshots=8, sampler="dpm++", steps=None, seed=0):
+def plot_denoising(model, path, n=6, snapshots=8, sampler=None, steps=None, seed=0):
     """A few samples from noise to image: the state x at evenly spaced steps, then the result."""
     states = []
     g = torch.Generator(model_device(model)).manual_seed(seed)
@@ -1601,12 +1634,12 @@ def sample_quality(samples, train_faces, val_faces, seed=0):
                 floor_mean=sum(floor) / len(floor), memorisation=memorisation)
 
 
-def evaluate(model, train_faces, val_faces, n=1000, sampler="dpm++", steps=None, seed=0):
+def evaluate(model, train_faces, val_faces, n=1000, sampler=None, steps=None, seed=0):
     """`sample_quality` of `n` samples of `model`."""
     g = torch.Generator(model_device(model)).manual_seed(seed)
     samples = sample(model, n, sampler, steps, generator=g).cpu()
-    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler,
-                steps=steps or SAMPLERS[sampler])
+    sampler, steps = sampler_of(model, sampler, steps)
+    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler, steps=steps)
 
 
 def landmark_error(net, images, landmarks, batch_size=256):
@@ -1649,7 +1682,7 @@ def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0
     return errors
 
 
-def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler="dpm++", steps=None,
+def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler=None, steps=None,
                        guidance=1.0, seed=0):
     """The landmark net's mean error (pixels) on held-out real faces, on samples conditioned on those
     faces' landmarks (against the requested landmarks), and on unconditional samples (against the
@@ -1765,18 +1798,30 @@ def model_path(name):
     return path if path.suffix == ".pth" else path.with_name(path.name + ".pth")
 
 
-def save_model(model, name):
-    """Write `name.pth` atomically: {"class": "DiffusionModel", "config": model.config, "state_dict": weights}."""
+def save_model(model, name, layouts=None):
+    """Write `name.pth` atomically: {"class": "DiffusionModel", "config": model.config, "state_dict": weights},
+    with a landmark model's `layouts` (see `layout_stats`)."""
     path = model_path(name)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save({"kind": "model", "class": type(model).__name__,
-                                             "config": model.config, "state_dict": state}, f))
+    atomic_write(path, lambda f: torch.save({"kind": "model", "class": type(model).__name__, "config": model.config,
+                                             "state_dict": state, **({"layouts": layouts} if layouts else {})}, f))
     return path
 
 
+def stored_layouts(name):
+    """The landmark layouts a model file keeps (see `layout_stats`), or None."""
+    layouts = read_checkpoint(model_path(name)).get("layouts")
+    ok = isinstance(layouts, dict) and all(torch.is_tensor(layouts.get(k)) and layouts[k].shape == shape and
+                                           torch.isfinite(layouts[k]).all() for k, shape in (("mean", (9, 2)),
+                                                                                             ("cov", (18, 18))))
+    return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
+
+
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffusionModel, LandmarkNet)}
+SAMPLING_ONLY = ("student_steps",)  # settings that change no weight: load_model takes them from the file
 CONFIG_RANGES = {"image_size": (8, 1024), "base_channels": (1, 4096), "channel_mults": (1, 64), "blocks": (1, 64),
-                 "attention_below": (0, 1024), "dropout": (0, 1), "landmarks": (0, 1), "width": (1, 4096)}
+                 "attention_below": (0, 1024), "dropout": (0, 1), "landmarks": (0, 1), "width": (1, 4096),
+                 "student_steps": (0, 1024)}
 
 
 def defaults_of(fn):
@@ -1830,6 +1875,7 @@ def load_model(model, name, device="cpu"):
         model = cls(**config)
     elif type(model) is not cls:
         raise CheckpointError(f"{path}: holds a {cls.__name__}, not a {type(model).__name__}")
+    model.config.update({k: config[k] for k in SAMPLING_ONLY if k in model.config})
     if model.config != config:
         diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in model.config.items()
                          if config.get(k) != v)
@@ -1843,6 +1889,465 @@ def load_model(model, name, device="cpu"):
         reason = str(e).splitlines()[1:2] or type(e).__name__
         raise CheckpointError(f"{path}: weights do not fit the model: {reason}") from None
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation: a student that samples in a few steps
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def two_step_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANCE):
+    """Progressive distillation's target (Salimans & Ho 2022, algorithm 2): from z at the `k`-th
+    point of the grid of `steps` (see `time_grid`, "student"), the teacher takes two DDIM steps on
+    the grid of 2 `steps` to z''; the x~ whose one DDIM step from z lands on z'' is
+    x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha). Returns the v of x~
+    (v-MSE on it is the paper's SNR + 1 weighting). A landmark teacher steps with classifier-free
+    `guidance` where faces have landmarks, so the student learns the guided map in one evaluation.
+    """
+    ts = time_grid("student", 2 * steps).to(z.device)
+    abs_ = torch.cat([ALPHA_BAR.to(z.device)[ts], torch.ones(1, device=z.device)])[:, None, None, None]
+    z_end = z
+    for j in (2 * k, 2 * k + 1):
+        x0, eps = denoise(teacher, z_end, ts[j], abs_[j], dtype, landmarks, guidance)
+        z_end = ddim_step(x0, eps, abs_[j + 1])
+    ab, ab_end = abs_[2 * k], abs_[2 * k + 2]
+    ratio = ((1 - ab_end) / (1 - ab)).sqrt()
+    x_tilde = (z_end - ratio * z) / (ab_end.sqrt() - ratio * ab.sqrt())
+    return (ab.sqrt() * z - x_tilde) / (1 - ab).sqrt()  # x = sqrt(ab) z - sqrt(1 - ab) v
+
+
+def distillation_loss(teacher, steps, dtype, guidance=GUIDANCE):
+    """The student's loss (`diffusion_loss`'s signature): v-MSE against `two_step_target` at the
+    student's step k = t steps / T, so the uniform t of `draw_noise` picks its steps uniformly."""
+    grid = time_grid("student", 2 * steps)
+
+    def loss(model, x0, t, eps, alpha_bar, landmarks=None):
+        k = t * steps // T
+        t_k = grid.to(x0.device)[2 * k]
+        z = q_sample(x0, alpha_bar[t_k][:, None, None, None], eps)
+        return F.mse_loss(model(z, t_k, landmarks).float(),
+                          two_step_target(teacher, z, k, steps, dtype, landmarks, guidance))
+
+    return loss
+
+
+DISTILL = dict(epochs=2, lr=3e-4, warmup_steps=20, ema_decay=0.99)  # per round; TrainConfig's otherwise
+
+
+def halvings(start, steps):
+    """The student step counts of the rounds from a `start`-step teacher to `steps`."""
+    if steps >= start or start % steps or start // steps & (start // steps - 1):
+        choices = ", ".join(str(start >> r) for r in range(1, start.bit_length()))
+        raise ValueError(f"samples in {start} steps, so it distils into {choices} steps, not {steps}")
+    return [start >> r for r in range(1, (start // steps).bit_length())]
+
+
+def weights_fingerprint(model):
+    """A hash of a model's weights, to recognise a distillation's teacher when it resumes."""
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
+    """Progressive distillation of `teacher` into a student of `steps` steps: rounds that halve
+    the steps, from the teacher's own (a student's N, else `DISTILL_FROM`), each student starting
+    from its teacher's weights and trained with `train` for cfg's epochs or its share of cfg's
+    minutes. Each round's EMA student is written to `out_dir/student-N.pth` and teaches the next;
+    `resume` (out_dir's checkpoint.pt) continues a killed run where it stopped. Returns the student.
+    """
+    counts = halvings(teacher.config["student_steps"] or DISTILL_FROM, steps)
+    round_cfg = dataclasses.replace(cfg, minutes=cfg.minutes and cfg.minutes / len(counts))
+    at = read_checkpoint(resume, want="training")["model_config"]["student_steps"] if resume else None
+    dtype = autocast_dtype(model_device(teacher), cfg.precision)
+    for n in counts:
+        done = Path(out_dir) / f"student-{n}.pth"
+        if at is not None and (n > at or done.is_file() and n == at):  # finished before the run stopped
+            teacher = load_model(DiffusionModel(**{**teacher.config, "student_steps": n}), done,
+                                 model_device(teacher))
+            continue
+        print(f"distilling {2 * n} steps into {n}", file=sys.stderr)
+        student = DiffusionModel(**{**teacher.config, "student_steps": n})
+        student.load_state_dict(teacher.state_dict())
+        teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as a finished round's
+        student, _ = train(student, data, round_cfg, out_dir, resume=resume if n == at else None,
+                           settings=settings, objective=distillation_loss(teacher, n, dtype))
+        save_model(student, done)
+        teacher = student
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Studio: a local web page to pose the landmarks, generate, inpaint and interpolate
+# ----------------------------------------------------------------------------------------------
+
+def layout_stats(landmarks):
+    """Mean (9, 2) and covariance (18, 18) of aligned landmarks: the distribution the studio's
+    "random layout" draws from, stored in a landmark model's file (the faces are not)."""
+    flat = landmarks.reshape(len(landmarks), 18).double()
+    return {"mean": flat.mean(0).reshape(9, 2).float(), "cov": torch.cov(flat.T).reshape(18, 18).float()}
+
+
+class ApiError(Exception):
+    """A request the studio refuses: its HTTP status and a one-line reason."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+STUDIO_LIMITS = dict(body_bytes=16_384, n=32, steps=200, frames=24, versions=8, seed=2 ** 31 - 1,
+                     guidance=10.0, wait_seconds=120)  # wait: how long a request queues for the model
+
+
+def field(request, name, kind, low, high, default=None):
+    """`request[name]` checked to be a `kind` (int or float) within [low, high] (so not NaN)."""
+    value = request.get(name, default)
+    if not (type(value) is kind or kind is float and type(value) is int) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'} from {low} to {high}, "
+                            f"got {value!r}")
+    return value
+
+
+def landmarks_field(request, name="landmarks"):
+    """9 (x, y) pairs in face coordinates, finite and within half a face of it; None if absent."""
+    value = request.get(name)
+    if value is None:
+        return None
+    try:
+        marks = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        marks = None
+    if marks is None or marks.shape != (9, 2) or not torch.isfinite(marks).all() or (marks - 0.5).abs().max() > 1:
+        raise ApiError(400, f"{name} must be 9 [x, y] pairs from -0.5 to 1.5 (face coordinates)")
+    return marks.float()
+
+
+def png_data_urls(images):
+    """Images in [0, 1] as PNG data URLs for the page."""
+    urls = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, format="png")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
+
+
+STUDIO_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cat_diffusion studio</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 16px; background: #f6f4f0; color: #222; }
+h1 { font-size: 18px; margin: 0 0 4px; } .muted { color: #777; }
+main { display: flex; gap: 20px; align-items: flex-start; flex-wrap: wrap; }
+section { background: #fff; border-radius: 8px; padding: 12px; box-shadow: 0 1px 3px #0002; }
+canvas { border: 1px solid #ccc; border-radius: 4px; touch-action: none; cursor: grab; }
+label { display: block; margin: 6px 0; } input[type=number] { width: 80px; }
+button { margin: 4px 4px 4px 0; padding: 5px 10px; cursor: pointer; }
+#grid, #versions { display: grid; grid-template-columns: repeat(8, 72px); gap: 4px; }
+#grid img, #versions img, #frame { width: 72px; height: 72px; image-rendering: pixelated; border: 2px solid transparent; }
+#grid img.selected { border-color: #e07020; } #grid img.target { border-color: #2070e0; }
+#frame { width: 192px; height: 192px; } #error { color: #b00; }
+</style></head>
+<body>
+<h1>cat_diffusion studio</h1>
+<div id="status" class="muted">loading the model...</div>
+<div id="error"></div>
+<main>
+<section id="editor" hidden>
+  <canvas id="face" width="320" height="320"></canvas><br>
+  <button id="mean">mean layout</button><button id="random">random layout</button>
+  <label>guidance <input id="guidance" type="range" min="1" max="4" step="0.25"> <span id="guidance-value"></span></label>
+</section>
+<section>
+  <label>cats <input id="n" type="number" min="1" value="8"></label>
+  <label>seed <input id="seed" type="number" min="0" value="0"> <button id="reroll">re-roll</button></label>
+  <label>steps <input id="steps" type="number" min="1"></label>
+  <button id="generate"><b>Generate</b></button>
+  <div id="grid"></div>
+  <div id="selected" hidden>
+    <p>Click a cat to choose it. Regenerate its
+      <button data-region="eyes">eyes</button><button data-region="ears">ears</button><button data-region="mouth">mouth</button>
+      or <button id="interpolate">interpolate</button> to the cat marked blue (shift-click one).</p>
+    <div id="versions"></div>
+    <div id="morph" hidden><img id="frame" alt="frame"><br><input id="scrub" type="range" min="0" value="0" style="width: 192px"></div>
+  </div>
+</section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const studio = { info: null, landmarks: [], lastRequest: null, cats: [], selected: null, target: null, frames: [] };
+window.studio = studio;
+const canvas = $("face"), ctx = canvas.getContext("2d");
+const lo = -0.25, span = 1.5;  // the canvas shows face coordinates -0.25 .. 1.25
+const toCanvas = ([x, y]) => [(x - lo) / span * canvas.width, (y - lo) / span * canvas.height];
+const toFace = (px, py) => [px / canvas.width * span + lo, py / canvas.height * span + lo];
+const short = ["L eye", "R eye", "mouth", "L ear 1", "L ear 2", "L ear 3", "R ear 1", "R ear 2", "R ear 3"];
+let backdrop = null, dragging = -1;
+
+function draw() {
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const [x0, y0] = toCanvas([0, 0]), [x1, y1] = toCanvas([1, 1]);
+  if (backdrop) { ctx.globalAlpha = 0.5; ctx.imageSmoothingEnabled = false; ctx.drawImage(backdrop, x0, y0, x1 - x0, y1 - y0); ctx.globalAlpha = 1; }
+  ctx.strokeStyle = "#bbb"; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  const p = studio.landmarks.map(toCanvas);
+  ctx.strokeStyle = "#e07020"; ctx.lineWidth = 2;
+  for (const ear of [[3, 4, 5], [6, 7, 8]]) {
+    ctx.beginPath(); ear.forEach((i, k) => k ? ctx.lineTo(...p[i]) : ctx.moveTo(...p[i])); ctx.stroke();
+  }
+  ctx.font = "11px system-ui";
+  p.forEach(([x, y], i) => {
+    ctx.fillStyle = i < 2 ? "#2a8" : i == 2 ? "#c33" : "#e07020";
+    ctx.beginPath(); ctx.arc(x, y, 6, 0, 2 * Math.PI); ctx.fill();
+    ctx.fillStyle = "#222"; ctx.fillText(short[i], x + 8, y - 6);
+  });
+}
+
+function pointer(e) { const r = canvas.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }
+canvas.addEventListener("pointerdown", (e) => {
+  const [px, py] = pointer(e);
+  let best = 14;
+  studio.landmarks.map(toCanvas).forEach(([x, y], i) => { const d = Math.hypot(x - px, y - py); if (d < best) { best = d; dragging = i; } });
+  if (dragging >= 0) canvas.setPointerCapture(e.pointerId);
+});
+canvas.addEventListener("pointermove", (e) => {
+  if (dragging < 0) return;
+  const [x, y] = toFace(...pointer(e));
+  studio.landmarks[dragging] = [Math.min(1.25, Math.max(-0.25, x)), Math.min(1.25, Math.max(-0.25, y))];
+  draw();
+});
+canvas.addEventListener("pointerup", () => { dragging = -1; });
+
+async function api(path, body) {
+  const tic = performance.now();
+  $("error").textContent = "";
+  const response = await fetch(path, body === undefined ? {} : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const result = await response.json();
+  if (!response.ok) { $("error").textContent = result.error; throw new Error(result.error); }
+  if (result.seconds !== undefined)
+    $("status").textContent = `${studio.info.device.toUpperCase()} · ${path}: ${result.seconds.toFixed(2)} s on the model, ${((performance.now() - tic) / 1000).toFixed(2)} s in all`;
+  return result;
+}
+
+function images(box, urls, onclick) {
+  box.replaceChildren(...urls.map((url, i) => { const img = new Image(); img.src = url; img.onclick = (e) => onclick(i, e); return img; }));
+}
+
+function catRequest() {
+  const request = { n: +$("n").value, seed: +$("seed").value, steps: +$("steps").value };
+  if (studio.info.landmarks) Object.assign(request, { landmarks: studio.landmarks, guidance: +$("guidance").value });
+  return request;
+}
+
+async function generate() {
+  $("generate").disabled = true;
+  try {
+    const request = catRequest(), result = await api("/api/generate", request);
+    studio.lastRequest = request; studio.cats = result.images; studio.selected = studio.target = null;
+    images($("grid"), result.images, choose);
+    $("selected").hidden = false; $("versions").replaceChildren(); $("morph").hidden = true;
+    backdrop = $("grid").firstChild; backdrop.onload = draw;
+  } finally { $("generate").disabled = false; }
+}
+
+function choose(i, e) {
+  if (e.shiftKey) studio.target = i; else studio.selected = i;
+  [...$("grid").children].forEach((img, k) => { img.classList.toggle("selected", k === studio.selected); img.classList.toggle("target", k === studio.target); });
+}
+
+async function inpaint(region) {
+  if (studio.selected === null) return ($("error").textContent = "click a cat first");
+  const result = await api("/api/inpaint", { cat: { ...studio.lastRequest, index: studio.selected }, region, versions: 4 });
+  images($("versions"), result.images, () => {});
+}
+
+async function interpolate() {
+  if (studio.selected === null || studio.target === null) return ($("error").textContent = "click a cat, then shift-click another");
+  const result = await api("/api/interpolate", { a: { ...studio.lastRequest, index: studio.selected }, b: { ...studio.lastRequest, index: studio.target }, frames: 12 });
+  studio.frames = result.images;
+  $("scrub").max = result.images.length - 1; $("scrub").value = 0; $("frame").src = result.images[0]; $("morph").hidden = false;
+}
+
+async function start() {
+  const info = studio.info = await (await fetch("/api/info")).json();
+  studio.landmarks = info.mean.map((p) => [...p]);
+  $("steps").value = info.steps; $("n").max = info.limits.n; $("steps").max = info.limits.steps;
+  $("guidance").value = info.guidance; $("guidance-value").textContent = info.guidance;
+  $("editor").hidden = !info.landmarks; $("random").disabled = !info.random_layout;
+  $("status").textContent = `${info.device.toUpperCase()} · ${info.image_size}px · ${info.sampler} ${info.steps} steps` + (info.landmarks ? "" : " · a model without landmarks: unconditional cats");
+  draw();
+}
+
+$("guidance").oninput = () => { $("guidance-value").textContent = $("guidance").value; };
+$("mean").onclick = () => { studio.landmarks = studio.info.mean.map((p) => [...p]); draw(); };
+$("random").onclick = async () => { studio.landmarks = (await api("/api/layout", { seed: Math.floor(Math.random() * 1e9) })).landmarks; draw(); };
+$("reroll").onclick = () => { $("seed").value = Math.floor(Math.random() * 1e9); generate(); };
+$("generate").onclick = generate;
+$("interpolate").onclick = interpolate;
+$("scrub").oninput = () => { $("frame").src = studio.frames[+$("scrub").value]; };
+document.querySelectorAll("[data-region]").forEach((b) => { b.onclick = () => inpaint(b.dataset.region); });
+start();
+</script>
+</body></html>
+"""
+
+
+class Studio:
+    """What the page's requests run: one model, one request at a time (the CPU or GPU is the
+    bottleneck; others queue for up to STUDIO_LIMITS["wait_seconds"], then get 503)."""
+
+    def __init__(self, model, layouts=None):
+        self.model, self.lock = model, threading.Lock()
+        self.landmarks = model.config["landmarks"]
+        self.mean = layouts["mean"] if layouts else align_landmarks(100 * SYNTH_LANDMARKS.astype(np.float32))
+        self.cov = layouts["cov"] if layouts else None
+
+    def info(self):
+        sampler, steps = sampler_of(self.model)
+        return dict(landmarks=self.landmarks, names=LANDMARKS, mean=self.mean.tolist(), random_layout=self.cov
+                    is not None, device=model_device(self.model).type, image_size=self.model.config["image_size"],
+                    sampler=sampler, steps=steps, guidance=guidance_of(self.model) if self.landmarks else 1.0,
+                    limits=STUDIO_LIMITS)
+
+    def layout(self, request):
+        """A layout drawn from the training landmarks' Gaussian (mean, covariance)."""
+        if self.cov is None:
+            raise ApiError(400, "this model file stores no landmark layouts (a model trained before they were kept)")
+        g = torch.Generator().manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"]))
+        scale = torch.linalg.cholesky(self.cov.double() + 1e-6 * torch.eye(18, dtype=torch.float64))
+        marks = self.mean.double().reshape(18) + scale @ torch.randn(18, generator=g, dtype=torch.float64)
+        return dict(landmarks=marks.clamp(-0.5, 1.5).reshape(9, 2).tolist())
+
+    def cats(self, request):
+        """The noises, condition and sampling settings of a request's cats: `n` from `seed`."""
+        n = field(request, "n", int, 1, STUDIO_LIMITS["n"], 8)
+        seed = field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0)
+        _, steps = sampler_of(self.model)
+        steps = field(request, "steps", int, 1, STUDIO_LIMITS["steps"], steps)
+        marks = landmarks_field(request) if self.landmarks else None
+        guidance = field(request, "guidance", float, 0.0, STUDIO_LIMITS["guidance"], guidance_of(self.model)) \
+            if self.landmarks else 1.0
+        size = self.model.config["image_size"]
+        noise = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        return noise, marks, steps, guidance
+
+    def run(self, work):
+        """`work()` with the model to itself; returns its result and the seconds it took."""
+        if not self.lock.acquire(timeout=STUDIO_LIMITS["wait_seconds"]):
+            raise ApiError(503, "busy: other requests are using the model; try again")
+        try:
+            tic = time.perf_counter()
+            result = work()
+            return result, time.perf_counter() - tic
+        finally:
+            self.lock.release()
+
+    def sample(self, noise, marks, steps, guidance):
+        return sample(self.model, len(noise), steps=steps, x=noise.to(model_device(self.model)), landmarks=marks,
+                      guidance=guidance, progress=False).cpu()
+
+    def generate(self, request):
+        noise, marks, steps, guidance = self.cats(request)
+        images, seconds = self.run(lambda: self.sample(noise, marks, steps, guidance))
+        return dict(images=png_data_urls(to_unit(images)), seconds=seconds, steps=steps)
+
+    def one_cat(self, request, key):
+        """Cat `index` of the generate request `request[key]` (its noise, landmarks, settings)."""
+        cat = request.get(key)
+        if not isinstance(cat, dict):
+            raise ApiError(400, f"{key} must be the generate request of a cat, with its index")
+        noise, marks, steps, guidance = self.cats(cat)
+        index = field(cat, "index", int, 0, len(noise) - 1)
+        return noise[index:index + 1], marks, steps, guidance
+
+    def inpaint(self, request):
+        """`versions` of a generated cat with its eyes, ears or mouth regenerated (see `inpaint`)."""
+        noise, marks, steps, guidance = self.one_cat(request, "cat")
+        region = request.get("region")
+        if region not in ("eyes", "ears", "mouth"):
+            raise ApiError(400, f"region must be eyes, ears or mouth, got {region!r}")
+        versions = field(request, "versions", int, 1, STUDIO_LIMITS["versions"], 4)
+        inpaint_steps = field(request, "inpaint_steps", int, 2, STUDIO_LIMITS["steps"], 25)
+        mask = region_mask(self.mean if marks is None else marks, self.model.config["image_size"], region)
+        g = torch.Generator(model_device(self.model)).manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0))
+
+        def work():
+            face = self.sample(noise, marks, steps, guidance)[0]
+            return inpaint(self.model, face, mask, versions, inpaint_steps, generator=g, landmarks=marks).cpu()
+
+        images, seconds = self.run(work)
+        return dict(images=png_data_urls(to_unit(images)), seconds=seconds)
+
+    def interpolate(self, request):
+        """`frames` cats between two generated ones: their noises slerped, their landmarks lerped."""
+        (noise_a, marks_a, steps, guidance), (noise_b, marks_b, _, _) = (self.one_cat(request, k) for k in "ab")
+        frames = field(request, "frames", int, 2, STUDIO_LIMITS["frames"], 8)
+        w = torch.linspace(0, 1, frames)
+        noise = torch.cat([slerp(noise_a, noise_b, float(wi)) for wi in w])
+        marks = None if marks_a is None or marks_b is None else torch.lerp(marks_a, marks_b, w[:, None, None])
+        images, seconds = self.run(lambda: self.sample(noise, marks, steps, guidance))
+        return dict(images=png_data_urls(to_unit(images)), seconds=seconds)
+
+
+class StudioHandler(http.server.BaseHTTPRequestHandler):
+    """GET / (the page), GET /api/info, POST /api/{layout,generate,inpaint,interpolate} with JSON
+    bodies; every answer is JSON (or the page), errors included: 400 bad request, 404, 411/413
+    body missing or over STUDIO_LIMITS["body_bytes"], 503 busy, 500 a failure (the server stays up)."""
+
+    studio = None  # set by `serve`
+    server_version = "cat_diffusion"
+
+    def send(self, status, body, kind="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            self.send(200, STUDIO_PAGE.encode(), "text/html; charset=utf-8")
+        elif self.path == "/api/info":
+            self.send(200, self.studio.info())
+        else:
+            self.send(404, {"error": f"no such page: {self.path}"})
+
+    def do_POST(self):
+        routes = {"/api/layout": self.studio.layout, "/api/generate": self.studio.generate,
+                  "/api/inpaint": self.studio.inpaint, "/api/interpolate": self.studio.interpolate}
+        try:
+            if self.path not in routes:
+                raise ApiError(404, f"no such endpoint: {self.path}")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise ApiError(411, "a JSON body with a Content-Length is needed")
+            if int(length) > STUDIO_LIMITS["body_bytes"]:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                raise ApiError(413, f"the body is {length} bytes; the limit is {STUDIO_LIMITS['body_bytes']}")
+            try:
+                request = json.loads(self.rfile.read(int(length)))
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "the body is not valid JSON") from None
+            if not isinstance(request, dict):
+                raise ApiError(400, "the body must be a JSON object")
+            self.send(200, routes[self.path](request))
+        except ApiError as e:
+            self.send(e.status, {"error": str(e)})
+        except Exception as e:  # a failed request is answered and logged; the server goes on
+            traceback.print_exc()
+            self.send(500, {"error": f"{type(e).__name__}: {e}"})
+
+    def log_message(self, format, *args):
+        print(f"{self.address_string()} {format % args}", file=sys.stderr)
+
+
+def serve(model, layouts=None, host="127.0.0.1", port=8000):
+    """The studio's server (not yet serving: call `serve_forever()`; port 0 picks a free one)."""
+    handler = type("Handler", (StudioHandler,), {"studio": Studio(model.eval(), layouts)})
+    return http.server.ThreadingHTTPServer((host, port), handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1923,6 +2428,12 @@ def name_arg(text):
     return text
 
 
+def port_arg(text):
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
@@ -1942,12 +2453,28 @@ def finish_figures(out, names):
     plt.close("all")
 
 
+GPU_RECIPE = dict(batch_size=256, compile=True)  # one H200: 19,710 training images/s, against 2,205 at batch 32 uncompiled
+
+
+def training_recipe(args, device):
+    """Batch size and compiling for `train`: as given, else GPU_RECIPE on CUDA (said in one line)
+    and TrainConfig's batch on a CPU."""
+    if args.batch_size is not None:
+        return args.batch_size, args.compile
+    if device.type != "cuda":
+        return TrainConfig.batch_size, args.compile
+    print(f"on {device}: the GPU recipe, --batch-size {GPU_RECIPE['batch_size']} --compile (give --batch-size "
+          f"to choose yourself)")
+    return GPU_RECIPE["batch_size"], True
+
+
 TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
 
 
 def run_train(args):
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
+    args.batch_size, args.compile = training_recipe(args, pick_device(args.device))
     model_file = model_path(args.name)
     ours = [] if args.resume is None else \
         [args.resume.parent / f for f in TRAIN_OUTPUTS] + [args.run_settings.get("name", model_file)]
@@ -1978,7 +2505,7 @@ def run_train(args):
     ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings)
     if rank > 0:
         return
-    path = save_model(ema, model_file)
+    path = save_model(ema, model_file, layout_stats(train_set.landmarks) if args.landmarks else None)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
     shown = val_set or train_set
@@ -2005,6 +2532,46 @@ def landmarks_of(model, photo):
     return face, marks, marks if model.config["landmarks"] else None
 
 
+def run_distill(args):
+    torch.manual_seed(args.seed)
+    teacher = load_diffusion_model(args.model, args.device)
+    try:
+        counts = halvings(teacher.config["student_steps"] or DISTILL_FROM, args.steps)
+    except ValueError as e:
+        raise CheckpointError(f"{args.model}: {e}") from None
+    model_file = model_path(args.name)
+    outputs = [args.out / "checkpoint.pt", args.out / "steps.png", *(args.out / f"student-{n}.pth" for n in counts)]
+    claim_outputs(outputs + [model_file], args.overwrite, outputs + [args.run_settings.get("name", model_file)]
+                  if args.resume else [], hint="pass --resume to continue that run, --overwrite to start over, "
+                                               "or another --out/--name")
+    fingerprint = weights_fingerprint(teacher)
+    if args.resume and args.run_settings.get("teacher") != fingerprint:
+        raise CheckpointError(f"{args.resume}: that run distils another teacher than {args.model}")
+    train_set = CatDataset(args.data, teacher.config["image_size"], split="train")
+    if len(train_set) == 0:
+        raise SystemExit(f"error: --data {args.data}: no faces to distil on (the teacher's training data)")
+    cfg = TrainConfig(epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, warmup_steps=DISTILL["warmup_steps"], ema_decay=DISTILL["ema_decay"],
+                      device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in ("command", "resume", "overwrite", "run_settings")}
+    settings.update(model=str(args.model.resolve()), data=str(args.data.resolve()), name=str(model_file.resolve()),
+                    teacher=fingerprint)
+    args.out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
+    noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
+    rows = [sample(teacher, 8, x=noise.clone(), progress=False)]
+    student = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings)
+    path = save_model(student, model_file, stored_layouts(args.model))
+    print(f"saved {path}: samples in {args.steps} steps (sample, eval and generate() use them by default)")
+    for n in counts:  # the same noises through the teacher and each round's student
+        rows.append(sample(load_model(None, args.out / f"student-{n}.pth", model_device(student)), 8, x=noise.clone(),
+                           progress=False))
+    write_png(to_unit(torch.cat(rows)), args.out / "steps.png", nrow=8)
+    print(f"wrote {args.out / 'steps.png'}: rows from the teacher's "
+          f"{' '.join(map(str, sampler_of(teacher)))} steps to {', '.join(map(str, counts))} steps")
+
+
 def run_sample(args):
     layout = args.landmarks or args.like
     claim_outputs([args.out / "samples.png", *(args.out / f"sample_{i:04d}.png" for i in range(args.n)),
@@ -2024,7 +2591,7 @@ def run_sample(args):
             raise BadItem(f"{cat}: {e}") from None
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision,
-                            landmarks=marks, guidance=args.guidance))
+                            landmarks=marks, guidance=guidance_of(model, args.guidance)))
     args.out.mkdir(parents=True, exist_ok=True)
     write_png(images, args.out / "samples.png", nrow=8)
     for i, image in enumerate(images):
@@ -2083,6 +2650,22 @@ def run_inpaint(args):
     print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
 
 
+def run_serve(args):
+    model = load_diffusion_model(args.model, args.device)
+    try:
+        server = serve(model, stored_layouts(args.model), args.host, args.port)
+    except OSError as e:
+        raise SystemExit(f"error: --host {args.host} --port {args.port}: {e.strerror or e}") from None
+    host, port = server.server_address[:2]
+    print(f"cat studio for {args.model} at http://{host}:{port}/ (Ctrl-C stops it)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+
+
 def write_json(path, result):
     atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
@@ -2111,7 +2694,7 @@ def run_eval(args):
             raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
         net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
         r["landmarks"] = lm = evaluate_landmarks(model, net, val_set.faces, val_set.landmarks, args.n, args.sampler,
-                                                 args.steps, args.guidance, args.seed)
+                                                 args.steps, guidance_of(model, args.guidance), args.seed)
         print(f"landmark error (mean px at {size}px, {lm['n']} faces, {args.landmark_net}): real faces "
               f"{lm['real']:.2f}; samples conditioned on them (guidance {lm['guidance']}) {lm['conditioned']:.2f} "
               f"({lm['conditioned'] / lm['real']:.2f}x real); unconditional samples {lm['unconditional']:.2f}; "
@@ -2158,9 +2741,9 @@ def run_bench(args):
         write_json(args.json, r)
 
 
-COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "reconstruct": run_reconstruct,
-            "interpolate": run_interpolate, "inpaint": run_inpaint, "fit-landmarks": run_fit_landmarks,
-            "bench": run_bench}
+COMMANDS = {"train": run_train, "distill": run_distill, "sample": run_sample, "eval": run_eval,
+            "reconstruct": run_reconstruct, "interpolate": run_interpolate, "inpaint": run_inpaint,
+            "fit-landmarks": run_fit_landmarks, "bench": run_bench, "serve": run_serve}
 
 class Parser(argparse.ArgumentParser):
     """argparse with each error on one line: what is wrong, and where the options are listed."""
@@ -2173,7 +2756,7 @@ def shared_options():
     """Options that several commands take, each written once (argparse parent parsers), with the
     defaults of the code they feed."""
     model, cfg = defaults_of(DiffusionModel), TrainConfig
-    common, size, width, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(6))
+    common, size, width, batch, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(7))
     common.add_argument("--device", type=device_arg, default=cfg.device,
                         help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
@@ -2184,33 +2767,36 @@ def shared_options():
     size.add_argument("--image-size", type=image_size_arg, default=model["image_size"], help="face size in pixels")
     width.add_argument("--width", type=positive_int, default=model["base_channels"], help="base channels of the model")
     width.add_argument("--blocks", type=positive_int, default=model["blocks"], help="residual blocks per stage")
-    width.add_argument("--batch-size", type=positive_int, default=cfg.batch_size,
+    batch.add_argument("--batch-size", type=positive_int, default=cfg.batch_size,
                        help="faces per optimizer step, all processes together under torchrun (the learning "
-                            "rate is not rescaled)")
+                            f"rate is not rescaled); train on a GPU without it: {GPU_RECIPE['batch_size']}, compiled")
     model_file.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
-    sampling.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
-                          help="DDPM ancestral, deterministic DDIM, or DPM-Solver++(2M)")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                          help="DDPM ancestral, deterministic DDIM, DPM-Solver++(2M), or DDIM on a distilled "
+                               "student's grid (default: a student's own, else dpm++)")
     sampling.add_argument("--steps", type=positive_int, default=None,
-                          help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
-    sampling.add_argument("--guidance", type=positive_float, default=GUIDANCE,
-                          help="classifier-free guidance scale for landmark models (1: none)")
+                          help="sampling steps (default: a student's own, else " +
+                               ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
+    sampling.add_argument("--guidance", type=positive_float, default=None,
+                          help=f"classifier-free guidance scale for landmark models (1: none; default {GUIDANCE}, "
+                               "or 1 for a distilled student, which has its teacher's built in)")
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    return common, size, width, model_file, sampling, json_out
+    return common, size, width, batch, model_file, sampling, json_out
 
 
 def build_parser(resumed=None):
-    """The command line; `resumed` (a checkpoint's settings) become the train command's defaults."""
+    """The command line; `resumed`, (command, a checkpoint's settings), become that command's defaults."""
     parser = Parser(prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample "
                     "from it. With no command, `train` runs.")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    common, size, width, model_file, sampling, json_out = shared_options()
+    common, size, width, batch, model_file, sampling, json_out = shared_options()
     cfg, fit = TrainConfig, defaults_of(fit_landmarks)
 
     def command(name, description, *parents):
         return commands.add_parser(name, help=description, description=description, parents=[*parents, common],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    tr = command("train", "train on a CAT-format folder (the default command)", size, width)
+    tr = command("train", "train on a CAT-format folder (the default command)", size, width, batch)
     tr.add_argument("--data", type=Path, default=Path("data"),
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
@@ -2240,6 +2826,24 @@ def build_parser(resumed=None):
                     help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
                          "a larger --epochs extends it, --lr changes the learning rate from there on")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
+    tr.set_defaults(batch_size=None)  # chosen by training_recipe
+    di = command("distill", "distil a trained model into a student that samples in a few steps "
+                 "(progressive distillation)", model_file, batch)
+    di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
+    di.add_argument("--steps", type=positive_int, default=4,
+                    help=f"the student's sampling steps: {DISTILL_FROM // 2}, {DISTILL_FROM // 4}, ..., 1 for a "
+                         "trained model, fewer than its own for a student")
+    di.add_argument("--epochs", type=positive_int, default=DISTILL["epochs"],
+                    help="passes over the faces per round (each round halves the steps)")
+    di.add_argument("--minutes", type=positive_float, default=None,
+                    help="distil for this many minutes in all instead of --epochs, split evenly over the rounds")
+    di.add_argument("--lr", type=positive_float, default=DISTILL["lr"], help="peak AdamW learning rate of each round")
+    di.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
+                    help="steps between checkpoints (one is also written after every epoch)")
+    di.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                    help="continue the distillation of a checkpoint (without PATH, OUT/checkpoint.pt) with its "
+                         "settings")
+    di.add_argument("--name", type=name_arg, default="DistilledModel", help="the student goes to NAME.pth")
     sa = command("sample", "generate faces with a trained model", model_file, sampling)
     sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
     layout = sa.add_mutually_exclusive_group()
@@ -2275,32 +2879,36 @@ def build_parser(resumed=None):
     fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
     fl.add_argument("--epochs", type=positive_int, default=fit["epochs"], help="passes over the training faces")
     fl.add_argument("--name", type=name_arg, default="LandmarkNet", help="the weights go to NAME.pth")
-    be = command("bench", "measure training and sampling speed", size, width, json_out)
+    sv = command("serve", "a local web page to pose the landmarks, generate, inpaint and interpolate", model_file)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (the default: this computer only)")
+    sv.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
+    be = command("bench", "measure training and sampling speed", size, width, batch, json_out)
     be.add_argument("--compile", action="store_true", help="time training through torch.compile")
-    for p, folder in ((tr, "outputs"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
+    for p, folder in ((tr, "outputs"), (di, "outputs/distill"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
                       (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
         p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
-                       + (" and checkpoints" if p is tr else ""))
-    tr.set_defaults(**resumed or {})
+                       + (" and checkpoints" if p in (tr, di) else ""))
+    if resumed:
+        {"train": tr, "distill": di}[resumed[0]].set_defaults(**resumed[1])
     return parser
 
 
 def parse_args(argv):
-    """Parse the command line. `train --resume` takes the checkpoint's settings as its defaults
-    (with OUT its folder), so that only what changes needs saying."""
+    """Parse the command line. `train --resume` and `distill --resume` take the checkpoint's settings
+    as their defaults (with OUT its folder), so that only what changes needs saying."""
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.run_settings = None
-    if args.command == "train" and args.resume is not None:
+    if args.command in ("train", "distill") and args.resume is not None:
         resume = Path(args.resume or args.out / "checkpoint.pt")
         if not resume.is_file():
             parser.error(f"argument --resume: no such file: {resume}")
         saved = read_checkpoint(resume, want="training").get("settings", {})
         defaults = {k: v for k, v in saved.items() if k in vars(args) and k not in ("command", "resume", "overwrite")}
-        parser = build_parser({**defaults, "out": str(resume.parent)})
+        parser = build_parser((args.command, {**defaults, "out": str(resume.parent)}))
         args = parser.parse_args(argv)
         args.resume, args.run_settings = resume, saved
     if args.command == "train" and args.data != Path("data") and not args.data.is_dir():

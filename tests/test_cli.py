@@ -161,3 +161,14 @@ def test_train_command_reports_a_diverging_run_as_an_error_exit(photos, tmp_path
 
 
 # 20 faces in batches of 4: 5 steps an epoch; checkpoints at steps 3, 5, 6, 9, 10, ...
+
+
+def test_train_takes_the_gpu_recipe_on_cuda_only_when_no_batch_size_is_given(capsys):
+    args = cd.parse_args(["train"])
+    assert args.batch_size is None and not args.compile
+    assert cd.training_recipe(args, torch.device("cpu")) == (cd.TrainConfig.batch_size, False)
+    assert capsys.readouterr().out == ""
+    assert cd.training_recipe(args, torch.device("cuda")) == (cd.GPU_RECIPE["batch_size"], True)
+    assert "the GPU recipe, --batch-size 256 --compile" in capsys.readouterr().out
+    given = cd.parse_args(["train", "--batch-size", "64"])
+    assert cd.training_recipe(given, torch.device("cuda")) == (64, False)

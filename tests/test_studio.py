@@ -1,0 +1,227 @@
+"""The studio's server: every endpoint answers with the right cats, bad requests get a clear JSON
+error with the right status, concurrent requests are all answered, and a failing request never
+takes the server down."""
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cat_diffusion as cd
+from helpers import tiny_model
+
+
+def studio_model(landmarks=True):
+    model = tiny_model(landmarks=landmarks)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # not a zero output
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    g = torch.Generator().manual_seed(0)
+    return cd.layout_stats(cd.align_landmarks(100 * cd.SYNTH_LANDMARKS.astype(np.float32)) +
+                           0.02 * torch.randn(200, 9, 2, generator=g))
+
+
+@pytest.fixture(scope="module")
+def url(layouts):
+    server = cd.serve(studio_model(), layouts, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def call(url, path, body=None, raw=None, headers=None):
+    """(status, JSON answer) of a GET, or of a POST of `body` as JSON (or `raw` bytes)."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def decode(urls):
+    """PNG data URLs -> float images (N, 3, S, S) in [0, 1]."""
+    images = []
+    for u in urls:
+        assert u.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) as im:
+            images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) / 255)
+    return torch.stack(images)
+
+
+CAT = dict(n=4, seed=3, steps=2, guidance=1.5)
+
+
+def test_the_page_and_the_model_info_are_served(url):
+    with urllib.request.urlopen(url + "/") as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+    assert "cat_diffusion studio" in page and "/api/generate" in page and "http" not in page.split("<script>")[1]
+    status, info = call(url, "/api/info")
+    assert status == 200 and info["landmarks"] is True and info["random_layout"] is True
+    assert info["device"] == "cpu" and len(info["mean"]) == 9 and info["names"] == list(cd.LANDMARKS)
+
+
+def test_generate_returns_n_cats_the_same_for_a_seed_and_following_the_landmarks(url, layouts):
+    mean = layouts["mean"].tolist()
+    status, first = call(url, "/api/generate", dict(CAT, landmarks=mean))
+    assert status == 200 and first["seconds"] > 0 and first["steps"] == 2
+    images = decode(first["images"])
+    assert images.shape == (4, 3, 16, 16)
+    assert torch.equal(decode(call(url, "/api/generate", dict(CAT, landmarks=mean))[1]["images"]), images)
+    assert not torch.equal(decode(call(url, "/api/generate", dict(CAT, landmarks=mean, seed=4))[1]["images"]), images)
+    moved = [[x + 0.2, y] for x, y in mean]
+    assert not torch.equal(decode(call(url, "/api/generate", dict(CAT, landmarks=moved))[1]["images"]), images)
+
+
+def test_random_layouts_come_from_the_training_distribution(url, layouts):
+    draws = torch.tensor([call(url, "/api/layout", {"seed": s})[1]["landmarks"] for s in range(40)])
+    assert draws.shape == (40, 9, 2) and len({tuple(d.flatten().tolist()) for d in draws}) == 40
+    assert (draws.mean(0) - layouts["mean"]).abs().max() < 0.02  # std 0.02 each, 40 draws
+
+
+def test_inpaint_changes_only_the_region(url, layouts):
+    mean = layouts["mean"].tolist()
+    cat = decode(call(url, "/api/generate", dict(CAT, landmarks=mean))[1]["images"])[1]
+    status, answer = call(url, "/api/inpaint", {"cat": dict(CAT, landmarks=mean, index=1), "region": "eyes",
+                                                "versions": 2, "inpaint_steps": 3})
+    assert status == 200
+    versions = decode(answer["images"])
+    mask = cd.region_mask(layouts["mean"], 16, "eyes")
+    assert versions.shape == (2, 3, 16, 16)
+    assert (versions - cat)[:, :, ~mask].abs().max() <= 1.5 / 255  # kept (a batch of 1 rounds alike)
+    assert (versions - cat)[:, :, mask].abs().mean() > 0.02  # regenerated
+
+
+def test_interpolate_runs_from_one_cat_to_the_other(url, layouts):
+    mean = layouts["mean"].tolist()
+    cats = decode(call(url, "/api/generate", dict(CAT, landmarks=mean))[1]["images"])
+    status, answer = call(url, "/api/interpolate", {"a": dict(CAT, landmarks=mean, index=0),
+                                                    "b": dict(CAT, landmarks=mean, index=2), "frames": 5})
+    frames = decode(answer["images"])
+    assert status == 200 and frames.shape == (5, 3, 16, 16)
+    assert (frames[0] - cats[0]).abs().max() <= 1.5 / 255 and (frames[-1] - cats[2]).abs().max() <= 1.5 / 255
+    assert (frames[2] - cats[0]).abs().mean() > 0.01 and (frames[2] - cats[2]).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/api/generate", dict(CAT, n=0), 400, "n must be an integer from 1 to 32"),
+    ("/api/generate", dict(CAT, n=10 ** 6), 400, "n must be"),
+    ("/api/generate", dict(CAT, steps="many"), 400, "steps must be"),
+    ("/api/generate", dict(CAT, seed=-1), 400, "seed must be"),
+    ("/api/generate", dict(CAT, guidance=float("inf")), 400, "guidance must be"),
+    ("/api/generate", dict(CAT, landmarks=[[0.5, 0.5]] * 8), 400, "landmarks must be 9"),
+    ("/api/generate", dict(CAT, landmarks=[[9.0, 0.5]] * 9), 400, "landmarks must be 9"),
+    ("/api/generate", dict(CAT, landmarks=[["x", 0.5]] * 9), 400, "landmarks must be 9"),
+    ("/api/inpaint", {"cat": dict(CAT, index=9), "region": "eyes"}, 400, "index must be"),
+    ("/api/inpaint", {"cat": dict(CAT, index=0), "region": "../etc/passwd"}, 400, "region must be"),
+    ("/api/inpaint", {"cat": "photo.jpg", "region": "eyes"}, 400, "cat must be"),
+    ("/api/interpolate", {"a": dict(CAT, index=0), "b": dict(CAT, index=1), "frames": 500}, 400, "frames must be"),
+    ("/api/nothing", {}, 404, "no such endpoint"),
+])
+def test_bad_requests_get_one_clear_json_error(url, path, body, status, message):
+    got, answer = call(url, path, body)
+    assert got == status and message in answer["error"]
+
+
+def test_malformed_missing_and_oversized_bodies_are_refused(url):
+    assert call(url, "/api/generate", raw=b"{not json")[0] == 400
+    assert call(url, "/api/generate", raw=b"[1, 2]")[1]["error"] == "the body must be a JSON object"
+    assert call(url, "/api/generate", raw=b"\xff\xfe")[0] == 400
+    status, answer = call(url, "/api/generate", raw=b" " * (cd.STUDIO_LIMITS["body_bytes"] + 1))
+    assert status == 413 and str(cd.STUDIO_LIMITS["body_bytes"]) in answer["error"]
+    assert call(url, "/nowhere")[0] == 404
+    assert call(url, "/api/info")[0] == 200  # still up
+
+
+def test_concurrent_requests_are_all_answered_one_model_call_at_a_time(url, monkeypatch):
+    inside, most, results = [0], [0], []
+    real = cd.Studio.sample
+
+    def counted(self, *args):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            return real(self, *args)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(cd.Studio, "sample", counted)
+    threads = [threading.Thread(target=lambda s=s: results.append(call(url, "/api/generate", dict(CAT, seed=s))))
+               for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(status for status, _ in results) == [200] * 8 and most[0] == 1
+
+
+def test_a_failing_request_is_answered_and_the_server_stays_up(url, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cd.Studio, "sample", broken)
+    status, answer = call(url, "/api/generate", CAT)
+    assert status == 500 and answer["error"] == "RuntimeError: out of memory"
+    monkeypatch.undo()
+    assert call(url, "/api/generate", CAT)[0] == 200
+
+
+def test_a_busy_model_answers_503_after_the_wait(url, monkeypatch):
+    monkeypatch.setitem(cd.STUDIO_LIMITS, "wait_seconds", 0.1)
+    studio = cd.Studio(studio_model())
+    with studio.lock:
+        with pytest.raises(cd.ApiError) as e:
+            studio.generate(CAT)
+    assert e.value.status == 503
+
+
+def test_a_model_without_landmarks_samples_unconditionally_and_hides_the_editor():
+    studio = cd.Studio(studio_model(landmarks=False))
+    assert studio.info()["landmarks"] is False and studio.info()["random_layout"] is False
+    images = decode(studio.generate(dict(CAT, landmarks=[[9, 9]] * 9))["images"])  # landmarks are not read
+    assert images.shape == (4, 3, 16, 16)
+
+
+def test_training_with_landmarks_stores_layouts_that_serve_reads(tmp_path, photos):
+    cd.main(["train", "--data", str(photos), "--landmarks", "--epochs", "1", "--image-size", "16", "--width", "8",
+             "--batch-size", "8", "--precision", "fp32", "--out", str(tmp_path / "run"), "--name", str(tmp_path / "M")])
+    stored = cd.stored_layouts(tmp_path / "M")
+    faces = cd.CatDataset(photos, 16, split="train", quiet=True)
+    torch.testing.assert_close(stored["mean"], faces.landmarks.mean(0))
+    assert stored["cov"].shape == (18, 18) and torch.linalg.eigvalsh(stored["cov"].double()).min() > -1e-6
+
+
+def test_serve_on_a_taken_port_fails_in_one_line(tmp_path):
+    cd.save_model(studio_model(), tmp_path / "M")
+    server = cd.serve(studio_model(), port=0)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", str(server.server_address[1])])
+        assert f"--port {server.server_address[1]}" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        server.server_close()
+
+
+def test_ctrl_c_stops_serve_cleanly(tmp_path, monkeypatch, capsys):
+    cd.save_model(studio_model(), tmp_path / "M")
+
+    def interrupted(self, poll_interval=0.5):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cd.http.server.ThreadingHTTPServer, "serve_forever", interrupted)
+    cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", "0"])
+    out = capsys.readouterr().out
+    assert "cat studio for" in out and "http://127.0.0.1:" in out and out.rstrip().endswith("stopped")
