@@ -58,7 +58,7 @@ def teacher_model():
 
 def test_distillation_lowers_the_students_loss(tmp_path):
     data, teacher = TinyFaces(), teacher_model()
-    objective = cd.distillation_loss(teacher, 2, None)
+    objective = cd.distillation_loss(teacher, 2, None, 1.0)
     g = torch.Generator().manual_seed(5)
     x0 = cd.to_model_range(data.faces)
     t, eps = cd.draw_noise(x0, g)
@@ -138,3 +138,21 @@ def test_distill_resume_refuses_another_teacher(distilled, photos, tmp_path):
     with pytest.raises(SystemExit, match="distils another teacher"):
         cd.main(["distill", "--resume", str(distilled / "out" / "checkpoint.pt"), "--model", str(tmp_path / "T2.pth")])
     assert (distilled / "out" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_landmark_model_distils_with_its_guidance_built_in(tmp_path):
+    teacher = tiny_model(landmarks=True)
+    torch.nn.init.normal_(teacher.head[-1].weight, std=0.05)
+    data = TinyFaces()
+    z = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    marks = data.landmarks[:4]
+    guided = cd.two_step_target(teacher.eval(), z, 0, 2, None, marks, guidance=cd.GUIDANCE)
+    assert not torch.allclose(guided, cd.two_step_target(teacher, z, 0, 2, None, marks, guidance=1.0))
+    unconditional = torch.full_like(marks, float("nan"))  # guidance acts only where there are landmarks
+    torch.testing.assert_close(cd.two_step_target(teacher, z, 0, 2, None, unconditional, guidance=cd.GUIDANCE),
+                               cd.two_step_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
+    assert cd.guidance_of(teacher) == cd.GUIDANCE
+    teacher = cd.DiffusionModel(**{**teacher.config, "student_steps": 4})  # a student: guidance built in
+    student = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path)
+    assert student.config["landmarks"] and cd.guidance_of(student) == cd.guidance_of(teacher) == 1.0
+    assert cd.sample(student, 2, landmarks=marks[0], progress=False).isfinite().all()
