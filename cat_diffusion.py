@@ -1531,7 +1531,8 @@ def region_mask(landmarks, size, region):
 
 
 @torch.no_grad()
-def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landmarks=None, precision="auto"):
+def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landmarks=None, precision="auto",
+            progress=True):
     """`n` versions of `face` ([-1, 1], (3, S, S)) regenerated where `mask` is True, identical
     elsewhere (RePaint, Lugmayr et al. 2022): a DDPM chain whose known part is the real face noised
     to each step, every step redone `resample` times by re-noising so the two parts agree."""
@@ -1547,7 +1548,7 @@ def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landma
         return torch.randn(face.shape, device=device, generator=generator)
 
     x = noise()
-    for i in tqdm(range(len(ts)), desc="inpainting", unit="step", leave=False):
+    for i in tqdm(range(len(ts)), desc="inpainting", unit="step", leave=False, disable=not progress):
         ab, ab_next = alpha_bar[i], alpha_bar_next[i]
         for r in range(resample if i < len(ts) - 1 else 1):
             x = torch.where(keep, q_sample(face, ab, noise()), x)
@@ -2047,6 +2048,7 @@ STUDIO_PAGE = r"""<!doctype html>
 body { font: 14px system-ui, sans-serif; margin: 16px; background: #f6f4f0; color: #222; }
 h1 { font-size: 18px; margin: 0 0 4px; } .muted { color: #777; }
 main { display: flex; gap: 20px; align-items: flex-start; flex-wrap: wrap; }
+main > section:last-child { flex: 1; min-width: 610px; }
 section { background: #fff; border-radius: 8px; padding: 12px; box-shadow: 0 1px 3px #0002; }
 canvas { border: 1px solid #ccc; border-radius: 4px; touch-action: none; cursor: grab; }
 label { display: block; margin: 6px 0; } input[type=number] { width: 80px; }
@@ -2084,12 +2086,12 @@ button { margin: 4px 4px 4px 0; padding: 5px 10px; cursor: pointer; }
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-const studio = { info: null, landmarks: [], lastRequest: null, cats: [], selected: null, target: null, frames: [] };
+const view = { lo: -0.45, span: 1.75 };  // the canvas shows face coordinates -0.45 .. 1.3
+const studio = { info: null, landmarks: [], lastRequest: null, cats: [], selected: null, target: null, frames: [], view };
 window.studio = studio;
 const canvas = $("face"), ctx = canvas.getContext("2d");
-const lo = -0.25, span = 1.5;  // the canvas shows face coordinates -0.25 .. 1.25
-const toCanvas = ([x, y]) => [(x - lo) / span * canvas.width, (y - lo) / span * canvas.height];
-const toFace = (px, py) => [px / canvas.width * span + lo, py / canvas.height * span + lo];
+const toCanvas = ([x, y]) => [(x - view.lo) / view.span * canvas.width, (y - view.lo) / view.span * canvas.height];
+const toFace = (px, py) => [px / canvas.width * view.span + view.lo, py / canvas.height * view.span + view.lo];
 const short = ["L eye", "R eye", "mouth", "L ear 1", "L ear 2", "L ear 3", "R ear 1", "R ear 2", "R ear 3"];
 let backdrop = null, dragging = -1;
 
@@ -2107,7 +2109,8 @@ function draw() {
   p.forEach(([x, y], i) => {
     ctx.fillStyle = i < 2 ? "#2a8" : i == 2 ? "#c33" : "#e07020";
     ctx.beginPath(); ctx.arc(x, y, 6, 0, 2 * Math.PI); ctx.fill();
-    ctx.fillStyle = "#222"; ctx.fillText(short[i], x + 8, y - 6);
+    ctx.fillStyle = "#222";
+    ctx.fillText(short[i], Math.min(x + 8, canvas.width - 48), Math.max(y - 6, 12));
   });
 }
 
@@ -2121,7 +2124,8 @@ canvas.addEventListener("pointerdown", (e) => {
 canvas.addEventListener("pointermove", (e) => {
   if (dragging < 0) return;
   const [x, y] = toFace(...pointer(e));
-  studio.landmarks[dragging] = [Math.min(1.25, Math.max(-0.25, x)), Math.min(1.25, Math.max(-0.25, y))];
+  const inside = (v) => Math.min(view.lo + view.span, Math.max(view.lo, v));
+  studio.landmarks[dragging] = [inside(x), inside(y)];
   draw();
 });
 canvas.addEventListener("pointerup", () => { dragging = -1; });
@@ -2281,7 +2285,8 @@ class Studio:
 
         def work():
             face = self.sample(noise, marks, steps, guidance)[0]
-            return inpaint(self.model, face, mask, versions, inpaint_steps, generator=g, landmarks=marks).cpu()
+            return inpaint(self.model, face, mask, versions, inpaint_steps, generator=g, landmarks=marks,
+                           progress=False).cpu()
 
         images, seconds = self.run(work)
         return dict(images=png_data_urls(to_unit(images)), seconds=seconds)

@@ -43,13 +43,13 @@ def test_the_page_drags_a_landmark_and_generates_n_cats(browser, tmp_path):
         canvas = browser.find_element(By.ID, "face")
         assert canvas.is_displayed()  # a landmark model shows the editor
         before = browser.execute_script("return window.studio.landmarks[2]")  # the mouth
-        x, y = browser.execute_script("const [x, y] = window.studio.landmarks[2]; "
-                                      "return [(x + 0.25) / 1.5 * 320, (y + 0.25) / 1.5 * 320]")
+        lo, span = browser.execute_script("return [window.studio.view.lo, window.studio.view.span]")
+        x, y = ((v - lo) / span * 320 for v in before)  # canvas pixels
         ActionChains(browser).move_to_element_with_offset(canvas, x - 160, y - 160).click_and_hold() \
             .move_by_offset(24, 30).release().perform()
         after = browser.execute_script("return window.studio.landmarks[2]")
-        assert after[0] - before[0] == pytest.approx(24 / 320 * 1.5, abs=0.02)
-        assert after[1] - before[1] == pytest.approx(30 / 320 * 1.5, abs=0.02)
+        assert after[0] - before[0] == pytest.approx(24 / 320 * span, abs=0.02)
+        assert after[1] - before[1] == pytest.approx(30 / 320 * span, abs=0.02)
         for field, value in (("n", "5"), ("steps", "2")):
             box = browser.find_element(By.ID, field)
             box.clear()
