@@ -2480,6 +2480,17 @@ def training_recipe(args, device):
     return GPU_RECIPE["batch_size"], True
 
 
+RESUME_HINT = "pass --resume to continue that run, --overwrite to start over, or another --out/--name"
+
+
+def settings_of(args, **paths):
+    """A resumable command's settings for its checkpoint (what --resume takes back as defaults):
+    its options, with `paths` as absolute paths."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in ("command", "resume", "overwrite", "run_settings")}
+    return {**settings, **{k: str(Path(v).resolve()) for k, v in paths.items()}}
+
+
 TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
 
 
@@ -2491,7 +2502,7 @@ def run_train(args):
     ours = [] if args.resume is None else \
         [args.resume.parent / f for f in TRAIN_OUTPUTS] + [args.run_settings.get("name", model_file)]
     claim_outputs([args.out / f for f in TRAIN_OUTPUTS] + [model_file], args.overwrite, ours,
-                  hint="pass --resume to continue that run, --overwrite to start over, or another --out/--name")
+                  hint=RESUME_HINT)
     if rank > 0:
         barrier()  # rank 0 draws any synthetic set and builds the face cache first
     data_dir = resolve_data(args.data, args.synthetic_count, args.seed, default=args.data == Path("data"))
@@ -2510,9 +2521,7 @@ def run_train(args):
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
                       device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
                       grad_accum=args.grad_accum, compile=args.compile)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("command", "resume", "overwrite", "run_settings")}
-    settings.update(data=str(data_dir.resolve()), name=str(model_file.resolve()))
+    settings = settings_of(args, data=data_dir, name=model_file)
     args.out.mkdir(parents=True, exist_ok=True)
     ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings)
     if rank > 0:
@@ -2554,8 +2563,7 @@ def run_distill(args):
     model_file = model_path(args.name)
     outputs = [args.out / "checkpoint.pt", args.out / "steps.png", *(args.out / f"student-{n}.pth" for n in counts)]
     claim_outputs(outputs + [model_file], args.overwrite, outputs + [args.run_settings.get("name", model_file)]
-                  if args.resume else [], hint="pass --resume to continue that run, --overwrite to start over, "
-                                               "or another --out/--name")
+                  if args.resume else [], hint=RESUME_HINT)
     fingerprint = weights_fingerprint(teacher)
     if args.resume and args.run_settings.get("teacher") != fingerprint:
         raise CheckpointError(f"{args.resume}: that run distils another teacher than {args.model}")
@@ -2565,10 +2573,7 @@ def run_distill(args):
     cfg = TrainConfig(epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size or TrainConfig.batch_size,
                       lr=args.lr, seed=args.seed, warmup_steps=DISTILL["warmup_steps"], ema_decay=DISTILL["ema_decay"],
                       device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("command", "resume", "overwrite", "run_settings")}
-    settings.update(model=str(args.model.resolve()), data=str(args.data.resolve()), name=str(model_file.resolve()),
-                    teacher=fingerprint)
+    settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
     noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
@@ -2769,7 +2774,7 @@ def shared_options():
     """Options that several commands take, each written once (argparse parent parsers), with the
     defaults of the code they feed."""
     model, cfg = defaults_of(DiffusionModel), TrainConfig
-    common, size, width, batch, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(7))
+    common, size, width, batch, checkpoints, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(8))
     common.add_argument("--device", type=device_arg, default=cfg.device,
                         help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
@@ -2795,7 +2800,9 @@ def shared_options():
                           help=f"classifier-free guidance scale for landmark models (1: none; default {GUIDANCE}, "
                                "or 1 for a distilled student, which has its teacher's built in)")
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
-    return common, size, width, batch, model_file, sampling, json_out
+    checkpoints.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
+                             help="steps between checkpoints (one is also written after every epoch)")
+    return common, size, width, batch, checkpoints, model_file, sampling, json_out
 
 
 def build_parser(resumed=None):
@@ -2803,14 +2810,14 @@ def build_parser(resumed=None):
     parser = Parser(prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample "
                     "from it. With no command, `train` runs.")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    common, size, width, batch, model_file, sampling, json_out = shared_options()
+    common, size, width, batch, checkpoints, model_file, sampling, json_out = shared_options()
     cfg, fit = TrainConfig, defaults_of(fit_landmarks)
 
     def command(name, description, *parents):
         return commands.add_parser(name, help=description, description=description, parents=[*parents, common],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    tr = command("train", "train on a CAT-format folder (the default command)", size, width, batch)
+    tr = command("train", "train on a CAT-format folder (the default command)", size, width, batch, checkpoints)
     tr.add_argument("--data", type=Path, default=Path("data"),
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
@@ -2834,14 +2841,12 @@ def build_parser(resumed=None):
                          "--batch-size stays the global batch per step")
     tr.add_argument("--synthetic-count", type=positive_int, default=defaults_of(write_synthetic_dataset)["count"],
                     help="photos in the synthetic set drawn when there is no data")
-    tr.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
-                    help="steps between checkpoints (one is also written after every epoch)")
     tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
                          "a larger --epochs extends it, --lr changes the learning rate from there on")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
     di = command("distill", "distil a trained model into a student that samples in a few steps "
-                 "(progressive distillation)", model_file, batch)
+                 "(progressive distillation)", model_file, batch, checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
     di.add_argument("--steps", type=positive_int, default=4,
                     help=f"the student's sampling steps: {DISTILL_FROM // 2}, {DISTILL_FROM // 4}, ..., 1 for a "
@@ -2851,8 +2856,6 @@ def build_parser(resumed=None):
     di.add_argument("--minutes", type=positive_float, default=None,
                     help="distil for this many minutes in all instead of --epochs, split evenly over the rounds")
     di.add_argument("--lr", type=positive_float, default=DISTILL["lr"], help="peak AdamW learning rate of each round")
-    di.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
-                    help="steps between checkpoints (one is also written after every epoch)")
     di.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the distillation of a checkpoint (without PATH, OUT/checkpoint.pt) with its "
                          "settings")
