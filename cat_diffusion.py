@@ -1240,15 +1240,13 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
 # Sampling: DDPM, DDIM and DPM-Solver++(2M) over one time grid, SDEdit; pictures
 # ----------------------------------------------------------------------------------------------
 
-SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "student": 64}  # name -> default number of steps
-DISTILL_FROM = 64  # the steps of the "student" sampler that a trained model's first student halves: on the cat
-# faces its DDIM gives SWD 35.9 at 64 steps, 38.8 at 32, 45.4 at 16 (DPM-Solver++ 20: 33.9)
+SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "student": 4}  # name -> default number of steps (a student: its own)
 GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (README)
 
 
 def guidance_of(model, guidance=None):
     """The guidance to sample a landmark model with: as given, else GUIDANCE, or 1 for a distilled
-    student, which has its teacher's built in (see `two_step_target`)."""
+    student, which has its teacher's built in (see `teacher_target`)."""
     return guidance or (1.0 if model.config.get("student_steps") else GUIDANCE)
 
 
@@ -1304,6 +1302,15 @@ def dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev):
     return sigma_ratio * x - ab_next.sqrt() * torch.expm1(-h) * d, h
 
 
+def log_snr_grid(t_start, t_end, n):
+    """`n` timesteps from `t_start` to `t_end`, evenly spaced in log-SNR from max(lambda, -6)."""
+    lam = half_log_snr(ALPHA_BAR.double())
+    targets = torch.linspace(max(float(lam[t_start]), -6.0), float(lam[t_end]), n, dtype=torch.float64)
+    ts = (lam[None] - targets[:, None]).abs().argmin(1)
+    ts[0] = t_start
+    return ts
+
+
 def time_grid(sampler, steps, t_start=T - 1):
     """Timesteps from `t_start` down to 0: evenly spaced in t for DDPM and DDIM, evenly spaced in
     log-SNR for DPM-Solver++ (Lu et al. 2022, section 3.3), starting at lambda = -6 at the latest
@@ -1311,17 +1318,13 @@ def time_grid(sampler, steps, t_start=T - 1):
     cat faces (eval -n 128): DPM++ 10 steps SWD 74 with even t, 37 with even log-SNR.
 
     "student": t_start k/N for k = N .. 1 (the last step goes from t_start/N to the clean image),
-    the grid of progressive distillation (Salimans & Ho 2022): the grid of N steps is every other
-    point of the grid of 2N, so a student's one step can learn two of its teacher's."""
+    the grid of progressive distillation (Salimans & Ho 2022): the grid of N steps is every r-th
+    point of the grid of r N, so a student's one step can learn r of a distilled teacher's."""
     if sampler == "student":
         return torch.linspace(t_start, 0, steps + 1)[:-1].round().long()
     if sampler != "dpm++":
         return torch.linspace(t_start, 0, steps).round().long()
-    lam = half_log_snr(ALPHA_BAR.double())
-    targets = torch.linspace(max(float(lam[t_start]), -6.0), float(lam[0]), steps, dtype=torch.float64)
-    ts = (lam[None] - targets[:, None]).abs().argmin(1)
-    ts[0] = t_start
-    return torch.unique_consecutive(ts)
+    return torch.unique_consecutive(log_snr_grid(t_start, 0, steps))
 
 
 def sampler_of(model, sampler=None, steps=None):
@@ -1901,53 +1904,88 @@ def load_model(model, name, device="cpu"):
 # Distillation: a student that samples in a few steps
 # ----------------------------------------------------------------------------------------------
 
+DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step. Measured (4-step students of one
+# teacher, 10 minutes each, eval -n 1000; the teacher's DPM-Solver++ 20: 33.9): one round on these targets SWD 34.4;
+# with substeps from lambda = -9.9 instead of -6 (3 of 4 on near-pure noise) 38.1; progressive halvings 64 -> 4 42.1
+STUDENT_MAX = 32  # steps; at 4 substeps each, a trained teacher's substeps stay distinct timesteps
+
+
+def teacher_grid(teacher, steps):
+    """Where the teacher steps within each of its student's `steps` steps: (steps, S + 1) tables of
+    timesteps and alpha_bar, row k from the student's grid point k to point k + 1 (see `time_grid`,
+    "student"; the last row ends on the clean image, alpha_bar = 1). A distilled teacher of r
+    `steps` steps takes its own grid's r steps, the only times it knows (r = 2 is progressive
+    distillation, Salimans & Ho 2022); a trained teacher takes DISTILL_SUBSTEPS DPM-Solver++ steps
+    evenly spaced in log-SNR, as `time_grid` spaces its own."""
+    native = teacher.config.get("student_steps", 0)
+    grid = time_grid("student", steps).tolist() + [-1]  # -1: the clean image
+    if native:
+        r = native // steps
+        own = time_grid("student", native).tolist() + [-1]
+        ts = torch.tensor([own[k * r:(k + 1) * r + 1] for k in range(steps)])
+    else:
+        ts = torch.stack([log_snr_grid(a, b, DISTILL_SUBSTEPS + 1) if b >= 0 else
+                          torch.cat([log_snr_grid(a, 0, DISTILL_SUBSTEPS), torch.tensor([-1])])
+                          for a, b in zip(grid, grid[1:])])
+    return ts, torch.cat([ALPHA_BAR, torch.ones(1)])[ts]
+
+
 @torch.no_grad()
-def two_step_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANCE):
-    """Progressive distillation's target (Salimans & Ho 2022, algorithm 2): from z at the `k`-th
-    point of the grid of `steps` (see `time_grid`, "student"), the teacher takes two DDIM steps on
-    the grid of 2 `steps` to z''; the x~ whose one DDIM step from z lands on z'' is
-    x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha). Returns the v of x~
-    (v-MSE on it is the paper's SNR + 1 weighting). A landmark teacher steps with classifier-free
-    `guidance` where faces have landmarks, so the student learns the guided map in one evaluation.
+def teacher_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANCE):
+    """The target of a `steps`-step student at its `k`-th grid point z (one k per image): the
+    teacher solves the probability-flow ODE to point k + 1 along `teacher_grid` (DDIM for a distilled
+    teacher, DPM-Solver++(2M) for a trained one) to z'; the x~ whose one DDIM step from z lands on z'
+    is x~ = (z' - (sigma'/sigma) z) / (alpha' - (sigma'/sigma) alpha) (Salimans & Ho 2022, algorithm
+    2). Returns the v of x~ (v-MSE on it is the paper's SNR + 1 weighting). A landmark teacher steps
+    with classifier-free `guidance` where faces have landmarks, so the student learns the guided map.
     """
-    ts = time_grid("student", 2 * steps).to(z.device)
-    abs_ = torch.cat([ALPHA_BAR.to(z.device)[ts], torch.ones(1, device=z.device)])[:, None, None, None]
-    z_end = z
-    for j in (2 * k, 2 * k + 1):
-        x0, eps = denoise(teacher, z_end, ts[j], abs_[j], dtype, landmarks, guidance)
-        z_end = ddim_step(x0, eps, abs_[j + 1])
-    ab, ab_end = abs_[2 * k], abs_[2 * k + 2]
+    k = torch.as_tensor(k, device=z.device).expand(len(z))
+    ts, abs_ = (table.to(z.device)[k] for table in teacher_grid(teacher, steps))
+    abs_ = abs_[:, :, None, None, None]
+    x, x0_prev, h_prev = z, None, None
+    for j in range(ts.shape[1] - 1):
+        ab, ab_next = abs_[:, j], abs_[:, j + 1]
+        x0, eps = denoise(teacher, x, ts[:, j], ab, dtype, landmarks, guidance)
+        if teacher.config.get("student_steps"):
+            x_next = ddim_step(x0, eps, ab_next)
+        else:
+            x_next, h_prev = dpmpp_2m_step(x, x0, x0_prev, ab, ab_next.clamp(max=1 - 1e-7), h_prev)
+            x0_prev = x0
+        x = torch.where(ab_next < 1, x_next, x0)  # a step to the clean image lands on x0, as the samplers' do
+    ab, ab_end = abs_[:, 0], abs_[:, -1]
     ratio = ((1 - ab_end) / (1 - ab)).sqrt()
-    x_tilde = (z_end - ratio * z) / (ab_end.sqrt() - ratio * ab.sqrt())
+    x_tilde = (x - ratio * z) / (ab_end.sqrt() - ratio * ab.sqrt())
     return (ab.sqrt() * z - x_tilde) / (1 - ab).sqrt()  # x = sqrt(ab) z - sqrt(1 - ab) v
 
 
 def distillation_loss(teacher, steps, dtype, guidance):
-    """The student's loss (`diffusion_loss`'s signature): v-MSE against `two_step_target` at the
+    """The student's loss (`diffusion_loss`'s signature): v-MSE against `teacher_target` at the
     student's step k = t steps / T, so the uniform t of `draw_noise` picks its steps uniformly.
     `guidance`: the teacher's (see `guidance_of`: a student teacher has it built in already)."""
-    grid = time_grid("student", 2 * steps)
+    grid = time_grid("student", steps)
 
     def loss(model, x0, t, eps, alpha_bar, landmarks=None):
         k = t * steps // T
-        t_k = grid.to(x0.device)[2 * k]
+        t_k = grid.to(x0.device)[k]
         z = q_sample(x0, alpha_bar[t_k][:, None, None, None], eps)
         return F.mse_loss(model(z, t_k, landmarks).float(),
-                          two_step_target(teacher, z, k, steps, dtype, landmarks, guidance))
+                          teacher_target(teacher, z, k, steps, dtype, landmarks, guidance))
 
     return loss
 
 
-DISTILL = dict(epochs=2, lr=3e-4, warmup_steps=20, ema_decay=0.99)  # per round; TrainConfig's otherwise. Measured:
-# lr 1e-3 made the same 4-step student (SWD 41.6 against 42.1, 10-minute distillations of one teacher)
+DISTILL = dict(epochs=4, lr=3e-4, warmup_steps=20, ema_decay=0.99)  # TrainConfig's otherwise. Measured (progressive
+# distillation, 2.5 minutes a round): lr 1e-3 made the same 4-step student (SWD 41.6 against 42.1)
 
 
-def halvings(start, steps):
-    """The student step counts of the rounds from a `start`-step teacher to `steps`."""
-    if steps >= start or start % steps or start // steps & (start // steps - 1):
-        choices = ", ".join(str(start >> r) for r in range(1, start.bit_length()))
-        raise ValueError(f"samples in {start} steps, so it distils into {choices} steps, not {steps}")
-    return [start >> r for r in range(1, (start // steps).bit_length())]
+def check_student_steps(teacher, steps):
+    """Refuse (ValueError) a student of `steps` steps that this teacher cannot teach."""
+    native = teacher.config["student_steps"]
+    if native and (steps >= native or native % steps):
+        choices = ", ".join(str(d) for d in range(1, native) if native % d == 0)
+        raise ValueError(f"samples in {native} steps, so it distils into {choices} steps, not {steps}")
+    if not 1 <= steps <= STUDENT_MAX:
+        raise ValueError(f"a student takes 1 to {STUDENT_MAX} steps, not {steps}")
 
 
 def weights_fingerprint(model):
@@ -1959,31 +1997,19 @@ def weights_fingerprint(model):
 
 
 def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
-    """Progressive distillation of `teacher` into a student of `steps` steps: rounds that halve
-    the steps, from the teacher's own (a student's N, else `DISTILL_FROM`), each student starting
-    from its teacher's weights and trained with `train` for cfg's epochs or its share of cfg's
-    minutes. Each round's EMA student is written to `out_dir/student-N.pth` and teaches the next;
-    `resume` (out_dir's checkpoint.pt) continues a killed run where it stopped. Returns the student.
-    """
-    counts = halvings(teacher.config["student_steps"] or DISTILL_FROM, steps)
-    round_cfg = dataclasses.replace(cfg, minutes=cfg.minutes and cfg.minutes / len(counts))
-    at = read_checkpoint(resume, want="training")["model_config"]["student_steps"] if resume else None
+    """Distil `teacher` into a student that samples in `steps` steps: the student starts from the
+    teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
+    teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
+    the less error compounds (TRACT, Berthelot et al. 2023). `resume`: out_dir's checkpoint.pt.
+    Returns the (EMA) student."""
+    check_student_steps(teacher, steps)
     dtype = autocast_dtype(model_device(teacher), cfg.precision)
-    for n in counts:
-        done = Path(out_dir) / f"student-{n}.pth"
-        if at is not None and (n > at or done.is_file() and n == at):  # finished before the run stopped
-            teacher = load_model(DiffusionModel(**{**teacher.config, "student_steps": n}), done,
-                                 model_device(teacher))
-            continue
-        print(f"distilling {2 * n} steps into {n}", file=sys.stderr)
-        student = DiffusionModel(**{**teacher.config, "student_steps": n})
-        student.load_state_dict(teacher.state_dict())
-        teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as a finished round's
-        student, _ = train(student, data, round_cfg, out_dir, resume=resume if n == at else None,
-                           settings=settings, objective=distillation_loss(teacher, n, dtype, guidance_of(teacher)))
-        save_model(student, done)
-        teacher = student
-    return teacher
+    student = DiffusionModel(**{**teacher.config, "student_steps": steps})
+    student.load_state_dict(teacher.state_dict())
+    teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    student, _ = train(student, data, cfg, out_dir, resume=resume, settings=settings,
+                       objective=distillation_loss(teacher, steps, dtype, guidance_of(teacher)))
+    return student
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2557,11 +2583,11 @@ def run_distill(args):
     torch.manual_seed(args.seed)
     teacher = load_diffusion_model(args.model, args.device)
     try:
-        counts = halvings(teacher.config["student_steps"] or DISTILL_FROM, args.steps)
+        check_student_steps(teacher, args.steps)
     except ValueError as e:
         raise CheckpointError(f"{args.model}: {e}") from None
     model_file = model_path(args.name)
-    outputs = [args.out / "checkpoint.pt", args.out / "steps.png", *(args.out / f"student-{n}.pth" for n in counts)]
+    outputs = [args.out / "checkpoint.pt", args.out / "steps.png"]
     claim_outputs(outputs + [model_file], args.overwrite, outputs + [args.run_settings.get("name", model_file)]
                   if args.resume else [], hint=RESUME_HINT)
     fingerprint = weights_fingerprint(teacher)
@@ -2575,18 +2601,17 @@ def run_distill(args):
                       device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every)
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
-    noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
-    rows = [sample(teacher, 8, x=noise.clone(), progress=False)]
     student = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings)
     path = save_model(student, model_file, stored_layouts(args.model))
     print(f"saved {path}: samples in {args.steps} steps (sample, eval and generate() use them by default)")
-    for n in counts:  # the same noises through the teacher and each round's student
-        rows.append(sample(load_model(None, args.out / f"student-{n}.pth", model_device(student)), 8, x=noise.clone(),
-                           progress=False))
+    g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
+    noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
+    own = sampler_of(teacher)
+    rows = [sample(m, 8, sampler, steps, x=noise.clone(), progress=False)  # the same noises, row by row
+            for m, sampler, steps in ((teacher, *own), (teacher, own[0], args.steps), (student, None, None))]
     write_png(to_unit(torch.cat(rows)), args.out / "steps.png", nrow=8)
-    print(f"wrote {args.out / 'steps.png'}: rows from the teacher's "
-          f"{' '.join(map(str, sampler_of(teacher)))} steps to {', '.join(map(str, counts))} steps")
+    print(f"wrote {args.out / 'steps.png'}: rows from the teacher in {own[1]} and in {args.steps} steps of its "
+          f"{own[0]}, then the student in {args.steps}")
 
 
 def run_sample(args):
@@ -2846,16 +2871,16 @@ def build_parser(resumed=None):
                          "a larger --epochs extends it, --lr changes the learning rate from there on")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
     di = command("distill", "distil a trained model into a student that samples in a few steps "
-                 "(progressive distillation)", model_file, batch, checkpoints)
+                 "(distillation of its ODE solves)", model_file, batch, checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
     di.add_argument("--steps", type=positive_int, default=4,
-                    help=f"the student's sampling steps: {DISTILL_FROM // 2}, {DISTILL_FROM // 4}, ..., 1 for a "
-                         "trained model, fewer than its own for a student")
+                    help=f"the student's sampling steps: 1 to {STUDENT_MAX} for a trained model, a divisor of "
+                         "its own for a student")
     di.add_argument("--epochs", type=positive_int, default=DISTILL["epochs"],
-                    help="passes over the faces per round (each round halves the steps)")
+                    help="passes over the faces")
     di.add_argument("--minutes", type=positive_float, default=None,
-                    help="distil for this many minutes in all instead of --epochs, split evenly over the rounds")
-    di.add_argument("--lr", type=positive_float, default=DISTILL["lr"], help="peak AdamW learning rate of each round")
+                    help="distil for this many minutes instead of --epochs (planned as train's --minutes)")
+    di.add_argument("--lr", type=positive_float, default=DISTILL["lr"], help="peak AdamW learning rate")
     di.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the distillation of a checkpoint (without PATH, OUT/checkpoint.pt) with its "
                          "settings")

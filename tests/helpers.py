@@ -138,6 +138,13 @@ class GaussianOracle(nn.Module):
         eps = (x - a * x0) / sigma
         return (a * eps - sigma * x0).float()
 
+    def ode_point(self, x_start, t_start, t_end):
+        """Where the probability-flow ODE takes x_start (at t_start) at t_end: for Gaussian data it
+        keeps each pixel's z-score."""
+        (ab, ab_end), s = (cd.ALPHA_BAR[t].double() for t in (t_start, t_end)), self.s
+        z = (x_start.double() - ab.sqrt() * self.mu) / (ab * s ** 2 + 1 - ab).sqrt()
+        return ab_end.sqrt() * self.mu + (ab_end * s ** 2 + 1 - ab_end).sqrt() * z
+
     def ode_endpoint(self, x_start, t_start):
         """Where the probability-flow ODE takes x_start (at t_start) at t = 0, then denoised: for
         Gaussian data the ODE keeps each pixel's z-score. Returns E[x0 | x at t = 0]."""

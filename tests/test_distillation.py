@@ -1,6 +1,7 @@
-"""Progressive distillation: one student step on its target lands where two teacher steps land,
-the distill command writes a student that samples in its own steps by default, a killed
-distillation resumes exactly, and a teacher of the wrong kind is refused in one line."""
+"""Distillation: one student step on its target lands where the teacher's steps land (a distilled
+teacher's own grid steps, a trained teacher's DPM-Solver++ substeps), the distill command writes a
+student that samples in its own steps by default, a killed distillation resumes exactly, and a
+teacher of the wrong kind is refused in one line."""
 import pytest
 import torch
 
@@ -10,25 +11,52 @@ from helpers import TinyFaces, assert_same_weights, gaussian_oracle, tiny_model
 TINY = ["--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--epochs", "1"]
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
-def test_one_student_step_on_the_target_lands_where_two_teacher_steps_land(steps):
-    """Along the teacher's own trajectory on the grid of 2 steps (a Gaussian-data oracle: a perfect
-    denoiser), the target's one DDIM step from every even point reaches the point two further."""
+def student_step(v, z, k, steps):
+    """One DDIM step of a `steps`-step student with prediction `v` from its grid point k."""
+    ab = torch.cat([cd.ALPHA_BAR[cd.time_grid("student", steps)], torch.ones(1)])
+    x0, eps = cd.predict_x0_eps(v, z, ab[k])
+    return cd.ddim_step(x0, eps, ab[k + 1])
+
+
+@pytest.mark.parametrize("steps, r", [(1, 2), (2, 2), (4, 2), (2, 4)])
+def test_one_student_step_lands_where_r_steps_of_a_distilled_teacher_land(steps, r):
+    """Along a distilled teacher's own trajectory (r steps for each of the student's; a
+    Gaussian-data oracle: a perfect denoiser), the target's one DDIM step from every r-th point
+    reaches the point r further."""
     oracle = gaussian_oracle()
+    oracle.config["student_steps"] = r * steps
     x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     trajectory = [x_T]
-    cd.sample(oracle, 4, "student", 2 * steps, x=x_T.clone(), precision="fp32", progress=False,
+    cd.sample(oracle, 4, "student", r * steps, x=x_T.clone(), precision="fp32", progress=False,
               on_step=lambda i, x, x0: trajectory.append(x.double().float()))
     grid = cd.time_grid("student", steps)
-    ab = torch.cat([cd.ALPHA_BAR[grid], torch.ones(1)])
     for k in range(steps):
-        z = trajectory[2 * k]
-        v = cd.two_step_target(oracle, z, k, steps, dtype=None)
-        x0, eps = cd.predict_x0_eps(v, z, ab[k])
-        torch.testing.assert_close(cd.ddim_step(x0, eps, ab[k + 1]), trajectory[2 * k + 2], atol=2e-4, rtol=0)
+        z = trajectory[r * k]
+        v = cd.teacher_target(oracle, z, k, steps, dtype=None)
+        torch.testing.assert_close(student_step(v, z, k, steps), trajectory[r * k + r], atol=2e-4, rtol=0)
         if k < steps - 1:  # the target is not the teacher's own one-step answer
             own = oracle(z, grid[k].expand(len(z)))
-            assert (own - v).abs().max() > 1e-3  # far above float error: one step is not two
+            assert (own - v).abs().max() > 1e-3  # far above float error: one step is not r
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_one_student_step_follows_a_trained_teachers_ode(steps):
+    """A trained teacher (the oracle) solves each student step with DPM-Solver++ substeps: the last
+    one exactly as `sample` does from there, and every one closer to the exact ODE solution than
+    the teacher's own single DDIM step is."""
+    oracle, g = gaussian_oracle(), torch.Generator().manual_seed(1)
+    grid = cd.time_grid("student", steps).tolist()
+    for k, t in enumerate(grid):
+        z = cd.q_sample(oracle.mu.float(), cd.ALPHA_BAR[t], torch.randn(4, 3, 8, 8, generator=g))
+        landed = student_step(cd.teacher_target(oracle, z, k, steps, dtype=None), z, k, steps)
+        if k == steps - 1:
+            exact = oracle.ode_endpoint(z, t).float()
+            torch.testing.assert_close(landed, cd.sample(oracle, sampler="dpm++", steps=cd.DISTILL_SUBSTEPS, x=z,
+                                                         t_start=t, precision="fp32", progress=False))
+        else:
+            exact = oracle.ode_point(z, t, grid[k + 1]).float()
+        one_step = student_step(oracle(z, torch.tensor([t] * 4)), z, k, steps)
+        assert (landed - exact).abs().max() < (one_step - exact).abs().max() / 1.5
 
 
 def test_the_student_grid_halves_exactly():
@@ -37,12 +65,27 @@ def test_the_student_grid_halves_exactly():
         assert cd.time_grid("student", steps)[0] == cd.T - 1 and len(cd.time_grid("student", steps)) == steps
 
 
-def test_rounds_halve_from_the_teachers_steps_to_the_students():
-    assert cd.halvings(64, 4) == [32, 16, 8, 4]
-    assert cd.halvings(4, 1) == [2, 1]
-    for start, steps in ((64, 3), (4, 4), (4, 8)):
-        with pytest.raises(ValueError, match=f"not {steps}"):
-            cd.halvings(start, steps)
+def test_a_trained_teachers_substeps_are_distinct_and_a_students_are_its_grid():
+    for steps in range(1, cd.STUDENT_MAX + 1):
+        ts, ab = cd.teacher_grid(tiny_model(), steps)
+        assert ts.shape == (steps, cd.DISTILL_SUBSTEPS + 1) and torch.all(ts[:, 1:] < ts[:, :-1])
+        assert torch.equal(ts[:, 0], cd.time_grid("student", steps)) and torch.equal(ts[:-1, -1], ts[1:, 0])
+        assert ab[-1, -1] == 1 and torch.all(ab[:, 1:] > ab[:, :-1])
+    student = cd.DiffusionModel(16, base_channels=8, student_steps=8)
+    ts, _ = cd.teacher_grid(student, 2)
+    assert ts.tolist() == [[999, 874, 749, 624, 500], [500, 375, 250, 125, -1]]
+
+
+def test_a_student_takes_steps_its_teacher_can_teach():
+    trained, student = tiny_model(), cd.DiffusionModel(16, base_channels=8, student_steps=8)
+    for steps in (1, 4, cd.STUDENT_MAX):
+        cd.check_student_steps(trained, steps)
+    for steps in (1, 2, 4):
+        cd.check_student_steps(student, steps)
+    for model, steps, message in ((trained, cd.STUDENT_MAX + 1, "1 to 32 steps"),
+                                  (student, 3, "distils into 1, 2, 4 steps, not 3"), (student, 8, "not 8")):
+        with pytest.raises(ValueError, match=message):
+            cd.check_student_steps(model, steps)
 
 
 def distill_config(**changes):
@@ -68,13 +111,12 @@ def test_distillation_lowers_the_students_loss(tmp_path):
     assert student.config["student_steps"] == 2 and after < 0.8 * before
 
 
-@pytest.mark.parametrize("interrupt", [6, 20], ids=["killed in the first round", "killed in the second round"])
+@pytest.mark.parametrize("interrupt", [6, 12], ids=["killed in the first epoch", "killed in the second epoch"])
 def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, interrupt):
-    data, cfg = TinyFaces(), distill_config()  # 2 epochs of 5 steps per round; rounds 2 and 1 steps
-    teacher = cd.DiffusionModel(**{**teacher_model().config, "student_steps": 4})
-    teacher.load_state_dict(teacher_model().state_dict())
-    whole = cd.distill(teacher, data, 1, cfg, tmp_path / "a")
-    real, calls = cd.two_step_target, [0]
+    data, cfg = TinyFaces(), distill_config()  # 2 epochs of 5 steps
+    teacher = teacher_model()
+    whole = cd.distill(teacher, data, 2, cfg, tmp_path / "a")
+    real, calls = cd.teacher_target, [0]
 
     def killed(*args, **kwargs):
         calls[0] += 1
@@ -83,13 +125,11 @@ def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, mo
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(cd, "two_step_target", killed)
+        mp.setattr(cd, "teacher_target", killed)
         with pytest.raises(KeyboardInterrupt):
-            cd.distill(teacher, data, 1, cfg, tmp_path / "b")
-    resumed = cd.distill(teacher, data, 1, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
+            cd.distill(teacher, data, 2, cfg, tmp_path / "b")
+    resumed = cd.distill(teacher, data, 2, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
     assert_same_weights(resumed, whole)
-    assert_same_weights(cd.load_model(None, tmp_path / "b" / "student-2.pth"),
-                        cd.load_model(None, tmp_path / "a" / "student-2.pth"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +154,7 @@ def test_the_distill_command_writes_a_student_that_samples_in_its_own_steps(dist
     assert calls == [0, 1] and first.shape == (3, 3, 16, 16)
     assert torch.equal(first, cd.generate(student, 3, seed=4)) and 0 <= first.min() and first.max() <= 1
     assert sorted(p.name for p in (distilled / "out").iterdir()) == \
-        ["checkpoint.pt", "steps.png", "student-2.pth", "student-4.pth"]
+        ["checkpoint.pt", "steps.png"]
 
 
 def test_distill_refuses_a_teacher_of_the_wrong_kind_in_one_line(distilled, photos, tmp_path, capsys):
@@ -146,11 +186,11 @@ def test_a_landmark_model_distils_with_its_guidance_built_in(tmp_path):
     data = TinyFaces()
     z = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     marks = data.landmarks[:4]
-    guided = cd.two_step_target(teacher.eval(), z, 0, 2, None, marks, guidance=cd.GUIDANCE)
-    assert not torch.allclose(guided, cd.two_step_target(teacher, z, 0, 2, None, marks, guidance=1.0))
+    guided = cd.teacher_target(teacher.eval(), z, 0, 2, None, marks, guidance=cd.GUIDANCE)
+    assert not torch.allclose(guided, cd.teacher_target(teacher, z, 0, 2, None, marks, guidance=1.0))
     unconditional = torch.full_like(marks, float("nan"))  # guidance acts only where there are landmarks
-    torch.testing.assert_close(cd.two_step_target(teacher, z, 0, 2, None, unconditional, guidance=cd.GUIDANCE),
-                               cd.two_step_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
+    torch.testing.assert_close(cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=cd.GUIDANCE),
+                               cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
     assert cd.guidance_of(teacher) == cd.GUIDANCE
     teacher = cd.DiffusionModel(**{**teacher.config, "student_steps": 4})  # a student: guidance built in
     student = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path)
