@@ -856,14 +856,18 @@ def predict_x0_eps(v, x_t, alpha_bar_t):
 
 
 def draw_noise(x0, generator):
-    """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1)."""
+    """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1).
+    Measured against EDM's log-normal noise levels (ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022),
+    10 minutes each, eval -n 1000: SWD 33.9 uniform, 65.8 log-normal (coarsest level 29.1 vs 104.8)."""
     t = torch.randint(0, T, (len(x0),), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last)
     return t, eps
 
 
 def diffusion_loss(model, x0, t, eps, alpha_bar, landmarks=None):
-    """MSE between the predicted and the true v of x_t."""
+    """MSE between the predicted and the true v of x_t, unweighted. Measured against min-SNR-5
+    weighting (Hang et al. 2023), 10 minutes each, eval -n 1000: SWD 33.9 against 55.0 (finest level
+    49.3 vs 36.9, coarsest 29.1 vs 100.6: it starves the high noise levels that set the layout)."""
     ab = alpha_bar[t][:, None, None, None]
     v_pred = model(q_sample(x0, ab, eps), t, landmarks)
     return F.mse_loss(v_pred.float(), v_target(x0, ab, eps))
