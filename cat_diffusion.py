@@ -2004,7 +2004,9 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
     """Distil `teacher` into a student that samples in `steps` steps: the student starts from the
     teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
     teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
-    the less error compounds (TRACT, Berthelot et al. 2023). `resume`: out_dir's checkpoint.pt.
+    the less error compounds (TRACT, Berthelot et al. 2023). A 1-step student learns better from a
+    few-step one: measured SWD 46.0 from the 2-step student, 69.0 straight from a trained teacher
+    (whose 4-substep solve of the whole trajectory it copies). `resume`: out_dir's checkpoint.pt.
     Returns the (EMA) student."""
     check_student_steps(teacher, steps)
     dtype = autocast_dtype(model_device(teacher), cfg.precision)
