@@ -192,6 +192,21 @@ def test_a_timed_run_plans_its_steps_to_end_on_time_and_resumes_exactly(tmp_path
     assert resumed["loss"] == history["loss"]
 
 
+def test_an_epoch_end_writes_a_checkpoint_only_once_the_last_is_old_enough(tmp_path, monkeypatch):
+    clock, written = StepClock(), []
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    monkeypatch.setattr(cd, "diffusion_loss", clock.loss(cd.diffusion_loss))
+    monkeypatch.setattr(cd, "EPOCH_CHECKPOINT_GAP", 12)  # seconds; the clock ticks 1 s a step, epochs are 5 steps
+    real_write = cd.atomic_write
+
+    def spy(path, write):
+        real_write(path, write)
+        written.append(cd.read_checkpoint(path, want="training")["step"])
+    monkeypatch.setattr(cd, "atomic_write", spy)
+    cd.train(tiny_model(), TinyFaces(), tiny_config(epochs=8, checkpoint_every=1000), tmp_path)
+    assert written == [15, 30, 40]
+
+
 def test_a_timed_run_holds_the_peak_rate_until_it_is_planned_then_decays_to_ten_percent():
     assert cd.warmup_cosine(5, 3, None) == 1.0
     assert cd.warmup_cosine(99, 3, 100) == pytest.approx(0.1, abs=1e-3)
