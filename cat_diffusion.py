@@ -2504,19 +2504,21 @@ def finish_figures(out, names):
     plt.close("all")
 
 
-GPU_RECIPE = dict(batch_size=256, compile=True)  # one H200: 19,710 training images/s, against 2,205 at batch 32 uncompiled
+# One H200: 19,710 training images/s, against 2,205 at batch 32 uncompiled. One H100: 314 epochs (2.2 M faces,
+# 4.5 minutes with compiling) reached SWD 1.29x the floor, where the CPU's 50 epochs at batch 32 see 0.35 M.
+GPU_RECIPE = dict(batch_size=256, compile=True, epochs=300)
 
 
 def training_recipe(args, device):
-    """Batch size and compiling for `train`: as given, else GPU_RECIPE on CUDA (said in one line)
-    and TrainConfig's batch on a CPU."""
-    if args.batch_size is not None:
-        return args.batch_size, args.compile
-    if device.type != "cuda":
-        return TrainConfig.batch_size, args.compile
-    print(f"on {device}: the GPU recipe, --batch-size {GPU_RECIPE['batch_size']} --compile (give --batch-size "
-          f"to choose yourself)")
-    return GPU_RECIPE["batch_size"], True
+    """Batch size, compiling and epochs for `train`: as given, else GPU_RECIPE on CUDA (said in one
+    line) and TrainConfig's on a CPU. The recipe's epochs apply only to its own batch size."""
+    if args.batch_size is not None or device.type != "cuda":
+        return args.batch_size or TrainConfig.batch_size, args.compile, args.epochs or TrainConfig.epochs
+    epochs = args.epochs or GPU_RECIPE["epochs"]
+    print(f"on {device}: the GPU recipe, --batch-size {GPU_RECIPE['batch_size']} --compile"
+          + (f" --epochs {epochs}" if args.epochs is None and args.minutes is None else "")
+          + " (give --batch-size to choose yourself)")
+    return GPU_RECIPE["batch_size"], True, epochs
 
 
 RESUME_HINT = "pass --resume to continue that run, --overwrite to start over, or another --out/--name"
@@ -2536,7 +2538,7 @@ TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samp
 def run_train(args):
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
-    args.batch_size, args.compile = training_recipe(args, pick_device(args.device))
+    args.batch_size, args.compile, args.epochs = training_recipe(args, pick_device(args.device))
     model_file = model_path(args.name)
     ours = [] if args.resume is None else \
         [args.resume.parent / f for f in TRAIN_OUTPUTS] + [args.run_settings.get("name", model_file)]
@@ -2826,7 +2828,7 @@ def shared_options():
     batch.add_argument("--batch-size", type=positive_int, default=None,
                        help="faces per optimizer step, all processes together under torchrun (the learning "
                             f"rate is not rescaled; default {cfg.batch_size}, or for train on a GPU "
-                            f"{GPU_RECIPE['batch_size']}, compiled)")
+                            f"{GPU_RECIPE['batch_size']}, compiled, {GPU_RECIPE['epochs']} epochs)")
     model_file.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                           help="DDPM ancestral, deterministic DDIM, DPM-Solver++(2M), or DDIM on a distilled "
@@ -2859,7 +2861,9 @@ def build_parser(resumed=None):
     tr.add_argument("--data", type=Path, default=Path("data"),
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
-    tr.add_argument("--epochs", type=positive_int, default=cfg.epochs, help="passes over the training faces")
+    tr.add_argument("--epochs", type=positive_int, default=None,
+                    help=f"passes over the training faces (default {cfg.epochs}, or {GPU_RECIPE['epochs']} with the GPU "
+                         "recipe's batch size)")
     tr.add_argument("--minutes", type=positive_float, default=cfg.minutes,
                     help="train for this many minutes instead of --epochs: the number of steps is planned "
                          f"from the speed over its first {TIMED_SHARE:.0%}% of the time, and the learning-rate schedule "

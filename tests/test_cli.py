@@ -165,10 +165,14 @@ def test_train_command_reports_a_diverging_run_as_an_error_exit(photos, tmp_path
 
 def test_train_takes_the_gpu_recipe_on_cuda_only_when_no_batch_size_is_given(capsys):
     args = cd.parse_args(["train"])
-    assert args.batch_size is None and not args.compile
-    assert cd.training_recipe(args, torch.device("cpu")) == (cd.TrainConfig.batch_size, False)
+    assert args.batch_size is None and args.epochs is None and not args.compile
+    assert cd.training_recipe(args, torch.device("cpu")) == (cd.TrainConfig.batch_size, False, cd.TrainConfig.epochs)
     assert capsys.readouterr().out == ""
-    assert cd.training_recipe(args, torch.device("cuda")) == (cd.GPU_RECIPE["batch_size"], True)
-    assert "the GPU recipe, --batch-size 256 --compile" in capsys.readouterr().out
+    assert cd.training_recipe(args, torch.device("cuda")) == (256, True, 300)
+    assert "the GPU recipe, --batch-size 256 --compile --epochs 300" in capsys.readouterr().out
+    assert cd.training_recipe(cd.parse_args(["train", "--epochs", "7"]), torch.device("cuda")) == (256, True, 7)
+    timed = cd.parse_args(["train", "--minutes", "5"])
+    assert cd.training_recipe(timed, torch.device("cuda"))[:2] == (256, True)
+    assert "--epochs" not in capsys.readouterr().out, "a timed run has no epochs to announce"
     given = cd.parse_args(["train", "--batch-size", "64"])
-    assert cd.training_recipe(given, torch.device("cuda")) == (64, False)
+    assert cd.training_recipe(given, torch.device("cuda")) == (64, False, cd.TrainConfig.epochs)
