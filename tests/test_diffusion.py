@@ -133,20 +133,23 @@ def test_diffusion_loss_falls_when_training_a_tiny_model():
     assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f}"
 
 
-def test_diffusion_loss_is_the_mean_square_error_of_v():
-    """With the output layer zeroed the model predicts v = 0, so the loss is E[v^2] over the
-    batch's own t and eps (not eps or x0 as the target)."""
+def test_diffusion_loss_is_the_error_of_v_weighted_down_only_above_snr_5():
+    """With the output layer zeroed the model predicts v = 0, so the loss is E[w v^2] over the
+    given t and eps (v, not eps or x0, is the target): w = 1 where SNR <= 5, 6 / (SNR + 1) above."""
     torch.manual_seed(0)
     model = cd.DiffusionModel(image_size=16, base_channels=8, blocks=1)
     with torch.no_grad():
         model.head[-1].bias.zero_()  # the weight is zero-initialised, the bias is not
     x0 = pattern_images()
-    loss = cd.diffusion_loss(model, x0, *cd.draw_noise(x0, torch.Generator().manual_seed(3)), cd.ALPHA_BAR)
-    g = torch.Generator().manual_seed(3)  # replay the same t and eps
-    t = torch.randint(0, cd.T, (len(x0),), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    v = cd.v_target(x0, cd.ALPHA_BAR[t][:, None, None, None], eps)
-    assert loss.item() == pytest.approx(v.pow(2).mean().item(), rel=1e-5)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    snr = cd.ALPHA_BAR / (1 - cd.ALPHA_BAR)
+    noisy, clean = int((snr <= 5).nonzero()[0]), 0  # the cleanest level with SNR <= 5, and t = 1
+    for t, weight in ((noisy, 1.0), (clean, 6 / (snr[clean].item() + 1))):
+        ts = torch.full((len(x0),), t)
+        loss = cd.diffusion_loss(model, x0, ts, eps, cd.ALPHA_BAR)
+        v = cd.v_target(x0, cd.ALPHA_BAR[t], eps)
+        assert loss.item() == pytest.approx(weight * v.pow(2).mean().item(), rel=1e-5), t
+    assert 6 / (snr[clean].item() + 1) < 0.01, "the cleanest level weighs a hundredth of plain v-MSE or less"
 
 
 # ----------------------------------------------------------------------------------------------

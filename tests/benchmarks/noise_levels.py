@@ -2,10 +2,11 @@
 
     python tests/benchmarks/noise_levels.py --data DIR --minutes 10 --change lognormal [--seed 0]
 
-    none        t uniform over the schedule, unweighted v-MSE (cat_diffusion's own draw_noise and diffusion_loss)
+    none        cat_diffusion's own draw_noise and diffusion_loss: t uniform over the schedule, v-MSE
+                weighted by (min(SNR, 5) + 1) / (SNR + 1) (v's weights up to SNR 5, min-SNR's above)
+    v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
     min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
-    capped-snr  v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1): v's weights up to SNR 5, min-SNR's above
 
 Run it alone on the machine: the run plans its steps from the speed of its first ones.
 """
@@ -36,9 +37,9 @@ def weighted_loss(weight):
     return loss
 
 
-CHANGES = {"none": {}, "lognormal": {"draw_noise": lognormal_noise},
-           "min-snr": {"diffusion_loss": weighted_loss(lambda snr: snr.clamp(max=5) / (snr + 1))},
-           "capped-snr": {"diffusion_loss": weighted_loss(lambda snr: (snr.clamp(max=5) + 1) / (snr + 1))}}
+CHANGES = {"none": {}, "v-mse": {"diffusion_loss": weighted_loss(torch.ones_like)},
+           "lognormal": {"draw_noise": lognormal_noise},
+           "min-snr": {"diffusion_loss": weighted_loss(lambda snr: snr.clamp(max=5) / (snr + 1))}}
 
 
 def main():
