@@ -1125,9 +1125,10 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     or a distillation loss, with its signature); returns (ema_model, history).
 
     Writes `out_dir/checkpoint.pt` every `cfg.checkpoint_every` steps, at the end, and after an epoch
-    that ends EPOCH_CHECKPOINT_GAP seconds or more after the last write, each time from a state checked to be finite (`worth_keeping`); `resume` (a checkpoint path)
-    continues that run exactly where it stopped (see `check_resume`), and `settings` (the command
-    line's) are kept in the checkpoint for it. Under torchrun each of the N processes computes 1/N
+    that ends EPOCH_CHECKPOINT_GAP seconds or more after the last write, each time from a state
+    checked to be finite (`worth_keeping`); `resume` (a checkpoint path) continues that run exactly
+    where it stopped (see `check_resume`), and `settings` (the command line's) are kept in the
+    checkpoint for it. Under torchrun each of the N processes computes 1/N
     of every global batch (DistributedDataParallel averages the gradients) and rank 0 alone
     writes; the result matches a single process up to float rounding.
     """
@@ -2844,7 +2845,8 @@ def shared_options():
                                "or 1 for a distilled student, which has its teacher's built in)")
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     checkpoints.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
-                             help="steps between checkpoints (one is also written after every epoch)")
+                             help="steps between checkpoints (one is also written after an epoch that ends a minute "
+                                  "or more after the last)")
     return common, size, width, batch, checkpoints, model_file, sampling, json_out
 
 
