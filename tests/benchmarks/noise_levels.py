@@ -29,17 +29,8 @@ def lognormal_noise(x0, generator):
     return (LAMBDA[None] - lam[:, None]).abs().argmin(1).to(t.device), eps
 
 
-def weighted_loss(weight):
-    def loss(model, x0, t, eps, alpha_bar, landmarks=None):
-        ab = alpha_bar[t][:, None, None, None]
-        v_pred = model(cd.q_sample(x0, ab, eps), t, landmarks)
-        return (weight(ab / (1 - ab)) * (v_pred.float() - cd.v_target(x0, ab, eps)) ** 2).mean()
-    return loss
-
-
-CHANGES = {"none": {}, "v-mse": {"diffusion_loss": weighted_loss(torch.ones_like)},
-           "lognormal": {"draw_noise": lognormal_noise},
-           "min-snr": {"diffusion_loss": weighted_loss(lambda snr: snr.clamp(max=5) / (snr + 1))}}
+CHANGES = {"none": {}, "v-mse": {"loss_weight": torch.ones_like}, "lognormal": {"draw_noise": lognormal_noise},
+           "min-snr": {"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}}
 
 
 def main():
