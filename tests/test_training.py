@@ -211,3 +211,16 @@ def test_a_timed_run_holds_the_peak_rate_until_it_is_planned_then_decays_to_ten_
     assert cd.warmup_cosine(5, 3, None) == 1.0
     assert cd.warmup_cosine(99, 3, 100) == pytest.approx(0.1, abs=1e-3)
     assert cd.plan_steps(1.5, step=41, elapsed=41.0, seconds_per_step=1.0) == 90
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_the_ema_decays_by_min_of_its_cap_and_one_plus_n_over_k_plus_n(k):
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = cd.make_ema(model, decay=0.6, k=k)
+    expected = None
+    for n, value in enumerate([4.0, -2.0, 7.0, 1.0, 3.0, -5.0]):
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+        d = min(0.6, (1 + n) / (k + n))  # AveragedModel copies the first update; n updates averaged before
+        expected = value if n == 0 else d * expected + (1 - d) * value
+        assert ema.module.weight.item() == pytest.approx(expected)

@@ -1,0 +1,95 @@
+"""The default recipe for M minutes with one change, scored by `eval`; optionally with several EMA
+profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024).
+
+    python tests/benchmarks/recipe_changes.py --data DIR --minutes 12 --change none [--seed 0] [--ema-k 3 5 10 20 40]
+
+Changes (none is cat_diffusion's default):
+    none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1)
+    v-mse       unweighted v-MSE (the default before that weighting)
+    lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
+    min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
+    beta2-0.99  AdamW betas (0.9, 0.99) instead of (0.9, 0.999)
+    lr-3e-3     peak learning rate 3e-3 instead of 2e-3
+
+--ema-k: an EMA profile k has the decay min(0.999, (1 + n) / (k + n)) after n updates
+(cat_diffusion.make_ema, default k = 10): an average over the last ~n / (k - 1) steps, sigma_rel
+~0.24 / 0.16 / 0.09 / 0.05 / 0.02 for k = 3 / 5 / 10 / 20 / 40. All profiles see the same steps,
+so they compare without the seed-to-seed spread of separate runs; each is scored.
+
+Run it alone on the machine: the run plans its steps from the speed of its first ones.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import cat_diffusion as cd  # noqa: E402
+
+LAMBDA = cd.half_log_snr(cd.ALPHA_BAR.double())
+UNIFORM, MAKE_EMA = cd.draw_noise, cd.make_ema
+
+
+def lognormal_noise(x0, generator):
+    t, eps = UNIFORM(x0, generator)  # eps, and a t replaced below
+    lam = 1.2 - 1.2 * torch.randn(len(x0), generator=generator, dtype=torch.float64)  # -ln sigma
+    return (LAMBDA[None] - lam[:, None]).abs().argmin(1).to(t.device), eps
+
+
+# change -> (cat_diffusion names to replace, TrainConfig fields to set)
+CHANGES = {"none": ({}, {}),
+           "v-mse": ({"loss_weight": torch.ones_like}, {}),
+           "lognormal": ({"draw_noise": lognormal_noise}, {}),
+           "min-snr": ({"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}, {}),
+           "beta2-0.99": ({}, {"betas": (0.9, 0.99)}),
+           "lr-3e-3": ({}, {"lr": 3e-3})}
+
+
+def keep_profiles(ks, profiles):
+    """A make_ema for train() that also updates one extra EMA per k in `ks`, kept in `profiles`."""
+    def make_ema(model, decay):
+        ema = MAKE_EMA(model, decay)  # the default profile: what train() checkpoints and returns
+        profiles.update({k: MAKE_EMA(model, decay, k) for k in ks})
+        update = ema.update_parameters
+
+        def update_all(m):
+            update(m)
+            for extra in profiles.values():
+                extra.update_parameters(m)
+        ema.update_parameters = update_all
+        return ema
+    return make_ema
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--change", choices=CHANGES, default="none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-k", type=int, nargs="+", default=[], metavar="K")
+    p.add_argument("--out", type=Path, default=Path("outputs/recipe_changes"))
+    args = p.parse_args()
+    train_set = cd.CatDataset(args.data, 64, split="train")
+    val_set = cd.CatDataset(args.data, 64, split="val", quiet=True)
+    names, fields = CHANGES[args.change]
+    for name, fn in names.items():
+        setattr(cd, name, fn)
+    profiles = {}
+    if args.ema_k:
+        cd.make_ema = keep_profiles(args.ema_k, profiles)
+    torch.manual_seed(args.seed)
+    ema, history = cd.train(cd.DiffusionModel(), train_set, cd.TrainConfig(
+        minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields), args.out)
+    for label, model in [(args.change, ema)] if not profiles else \
+            [(f"{args.change}, EMA k {k}", e.module.eval()) for k, e in profiles.items()]:
+        r = cd.evaluate(model, train_set.faces, val_set.faces, 1000)
+        levels = " / ".join(f"{v:.1f}" for v in r["swd"])
+        print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
+              f"{r['swd_mean']:.1f} ({levels}), / floor {r['swd_mean'] / r['floor_mean']:.2f}, "
+              f"memorisation {r['memorisation']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
