@@ -4,11 +4,12 @@ profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024
     python tests/benchmarks/recipe_changes.py --data DIR --minutes 12 --change none [--seed 0] [--ema-k 3 5 10 20 40]
 
 Changes (none is cat_diffusion's default):
-    none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1)
+    none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), AdamW
+                betas (0.9, 0.99), peak learning rate 2e-3
     v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
     min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
-    beta2-0.99  AdamW betas (0.9, 0.99) instead of (0.9, 0.999)
+    beta2-0.999 AdamW betas (0.9, 0.999) (the default before (0.9, 0.99))
     lr-3e-3     peak learning rate 3e-3 instead of 2e-3
 
 --ema-k: an EMA profile k has the decay min(0.999, (1 + n) / (k + n)) after n updates
@@ -42,7 +43,7 @@ CHANGES = {"none": ({}, {}),
            "v-mse": ({"loss_weight": torch.ones_like}, {}),
            "lognormal": ({"draw_noise": lognormal_noise}, {}),
            "min-snr": ({"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}, {}),
-           "beta2-0.99": ({}, {"betas": (0.9, 0.99)}),
+           "beta2-0.999": ({}, {"betas": (0.9, 0.999)}),
            "lr-3e-3": ({}, {"lr": 3e-3})}
 
 
