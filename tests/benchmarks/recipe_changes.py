@@ -11,6 +11,7 @@ Changes (none is cat_diffusion's default):
     min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
     beta2-0.999 AdamW betas (0.9, 0.999) (the default before (0.9, 0.99))
     lr-3e-3     peak learning rate 3e-3 instead of 2e-3
+    warmup-50   50 steps of learning-rate warm-up instead of 200
 
 --ema-k: an EMA profile k has the decay min(0.999, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10): an average over the last ~n / (k - 1) steps, sigma_rel
@@ -44,7 +45,8 @@ CHANGES = {"none": ({}, {}),
            "lognormal": ({"draw_noise": lognormal_noise}, {}),
            "min-snr": ({"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}, {}),
            "beta2-0.999": ({}, {"betas": (0.9, 0.999)}),
-           "lr-3e-3": ({}, {"lr": 3e-3})}
+           "lr-3e-3": ({}, {"lr": 3e-3}),
+           "warmup-50": ({}, {"warmup_steps": 50})}
 
 
 def keep_profiles(ks, profiles):
