@@ -157,6 +157,18 @@ def test_the_distill_command_writes_a_student_that_samples_in_its_own_steps(dist
         ["checkpoint.pt", "steps.png"]
 
 
+def test_distill_trains_with_its_own_settings_not_trains(photos, tmp_path, monkeypatch):
+    """Without --batch-size, --lr or --epochs, distill takes DISTILL's settings (the ones its
+    students were measured with), not TrainConfig's defaults for training a model."""
+    cd.save_model(cd.DiffusionModel(16, base_channels=8, student_steps=8), tmp_path / "T")
+    monkeypatch.setattr(cd, "CACHE_DIR", tmp_path / "face-cache")
+    cd.main(["distill", "--model", str(tmp_path / "T.pth"), "--data", str(photos), "--steps", "2",
+             "--out", str(tmp_path / "out"), "--name", str(tmp_path / "S"), "--precision", "fp32", "--device", "cpu"])
+    used = cd.read_checkpoint(tmp_path / "out" / "checkpoint.pt", want="training")["train_config"]
+    assert {k: used[k] for k in cd.DISTILL} == cd.DISTILL
+    assert used["batch_size"] != cd.TrainConfig.batch_size and used["betas"] != cd.TrainConfig.betas
+
+
 def test_distill_refuses_a_teacher_of_the_wrong_kind_in_one_line(distilled, photos, tmp_path, capsys):
     cd.save_model(cd.LandmarkNet(16, width=4), tmp_path / "L")
     cases = [(["--model", str(tmp_path / "L.pth")], "holds a LandmarkNet, not a DiffusionModel"),
