@@ -1997,8 +1997,9 @@ def distillation_loss(teacher, steps, dtype, guidance):
     return loss
 
 
-# TrainConfig's otherwise; betas as the students were measured with. Measured (progressive distillation, 2.5
-# minutes a round): lr 1e-3 made the same 4-step student (SWD 41.6 against 42.1)
+# TrainConfig's otherwise; batch and betas as the students were measured with (train's moved on since).
+# Measured (progressive distillation, 2.5 minutes a round): lr 1e-3 made the same 4-step student (SWD 41.6
+# against 42.1)
 DISTILL = dict(epochs=4, batch_size=32, lr=3e-4, warmup_steps=20, ema_decay=0.99, betas=(0.9, 0.999))
 
 
@@ -2518,7 +2519,7 @@ def finish_figures(out, names):
 
 
 # One H200: 19,710 training images/s, against 2,205 at batch 32 uncompiled. One H100: 314 epochs (2.2 M faces,
-# 4.5 minutes with compiling) reached SWD 1.29x the floor, where the CPU's 50 epochs at batch 32 see 0.35 M.
+# 4.5 minutes with compiling) reached SWD 1.29x the floor, where the CPU's 50 epochs see 0.35 M.
 # Width 64 did better there in 3 minutes (1.17x against 1.32x), but the recipe keeps the default width so that
 # the REPL's load_model(DiffusionModel(), "DiffusionModel") loads what a GPU trains.
 GPU_RECIPE = dict(batch_size=256, compile=True, epochs=300)
