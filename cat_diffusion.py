@@ -943,7 +943,8 @@ def model_device(model):
 class TrainConfig:
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
-    batch_size: int = 16  # 12 minutes, seeds 0 / 1: SWD 25.1 / 26.2 against 32's 28.3 / 33.4 (twice the steps)
+    batch_size: int = 16  # 12 minutes, seeds 0 / 1: SWD 25.1 / 26.2 against 32's 28.3 / 33.4 (twice the steps);
+    # 60 minutes: 21.4, where batch 32 with beta2 0.999 had reached 18.6 (tests/benchmarks/RESULTS.md)
     lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
     warmup_steps: int = 200
     betas: tuple = (0.9, 0.99)  # AdamW's; 12 minutes, seeds 0 / 1: SWD 28.3 / 33.4 against beta2 0.999's 30.7 / 36.1
