@@ -2628,9 +2628,9 @@ def run_distill(args):
     train_set = CatDataset(args.data, teacher.config["image_size"], split="train")
     if len(train_set) == 0:
         raise SystemExit(f"error: --data {args.data}: no faces to distil on (the teacher's training data)")
-    cfg = TrainConfig(epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size or DISTILL["batch_size"],
-                      lr=args.lr, seed=args.seed, warmup_steps=DISTILL["warmup_steps"], ema_decay=DISTILL["ema_decay"],
-                      betas=DISTILL["betas"], device=args.device, precision=args.precision,
+    cfg = TrainConfig(**{**DISTILL, "epochs": args.epochs, "lr": args.lr,
+                         "batch_size": args.batch_size or DISTILL["batch_size"]},
+                      minutes=args.minutes, seed=args.seed, device=args.device, precision=args.precision,
                       checkpoint_every=args.checkpoint_every)
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
