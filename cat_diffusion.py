@@ -944,13 +944,13 @@ class TrainConfig:
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
     batch_size: int = 16  # 12 minutes, seeds 0 / 1: SWD 25.1 / 26.2 against 32's 28.3 / 33.4 (twice the steps);
-    # 60 minutes: 21.4, where batch 32 with beta2 0.999 had reached 18.6 (tests/benchmarks/RESULTS.md)
+    # 60 minutes, seed 0: 21.4 and 21.7 against batch 32's 19.6 (tests/benchmarks/RESULTS.md; README's advice)
     lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
     warmup_steps: int = 200
     betas: tuple = (0.9, 0.99)  # AdamW's; 12 minutes, seeds 0 / 1: SWD 28.3 / 33.4 against beta2 0.999's 30.7 / 36.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # make_ema's cap; 60 minutes at batch 16: SWD 21.7, uncapped 21.6 (one run, two profiles)
     augment: bool = True  # random horizontal flips
     seed: int = 0
     device: str = "auto"

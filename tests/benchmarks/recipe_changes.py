@@ -1,7 +1,8 @@
 """The default recipe for M minutes with one change, scored by `eval`; optionally with several EMA
 profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024).
 
-    python tests/benchmarks/recipe_changes.py --data DIR --minutes 12 --change none [--seed 0] [--ema-k 3 5 10 20 40]
+    python tests/benchmarks/recipe_changes.py --data DIR --minutes 12 --change none [--seed 0] \
+        [--ema-k 3 5 10 20 40] [--ema-cap 0.999 1]
 
 Changes (none is cat_diffusion's default):
     none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), AdamW
@@ -16,10 +17,12 @@ Changes (none is cat_diffusion's default):
     batch-8     batch 8 instead of 16
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
 
---ema-k: an EMA profile k has the decay min(0.999, (1 + n) / (k + n)) after n updates
-(cat_diffusion.make_ema, default k = 10): an average over the last ~n / (k - 1) steps, sigma_rel
-~0.24 / 0.16 / 0.09 / 0.05 / 0.02 for k = 3 / 5 / 10 / 20 / 40. All profiles see the same steps,
-so they compare without the seed-to-seed spread of separate runs; each is scored.
+--ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
+(cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
+last ~n / (k - 1) steps until the cap, sigma_rel ~0.24 / 0.16 / 0.09 / 0.05 / 0.02 for
+k = 3 / 5 / 10 / 20 / 40. --ema-cap: the caps to keep (each with each k; 1 = never capped).
+All profiles see the same steps, so they compare without the seed-to-seed spread of separate
+runs; each is scored.
 
 Run it alone on the machine: the run plans its steps from the speed of its first ones.
 """
@@ -55,11 +58,12 @@ CHANGES = {"none": ({}, {}, {}),
            "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)})}
 
 
-def keep_profiles(ks, profiles):
-    """A make_ema for train() that also updates one extra EMA per k in `ks`, kept in `profiles`."""
+def keep_profiles(ks, caps, profiles):
+    """A make_ema for train() that also updates one extra EMA per (k, cap), kept in `profiles`
+    (no caps: the run's own decay)."""
     def make_ema(model, decay):
         ema = MAKE_EMA(model, decay)  # the default profile: what train() checkpoints and returns
-        profiles.update({k: MAKE_EMA(model, decay, k) for k in ks})
+        profiles.update({(k, cap): MAKE_EMA(model, cap, k) for k in ks for cap in caps or [decay]})
         update = ema.update_parameters
 
         def update_all(m):
@@ -78,6 +82,7 @@ def main():
     p.add_argument("--change", choices=CHANGES, default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-k", type=int, nargs="+", default=[], metavar="K")
+    p.add_argument("--ema-cap", type=float, nargs="+", default=[], metavar="DECAY")
     p.add_argument("--out", type=Path, default=Path("outputs/recipe_changes"))
     args = p.parse_args()
     train_set = cd.CatDataset(args.data, 64, split="train")
@@ -86,13 +91,15 @@ def main():
     for name, fn in names.items():
         setattr(cd, name, fn)
     profiles = {}
+    if args.ema_cap and not args.ema_k:
+        p.error("--ema-cap needs --ema-k (the profiles' k)")
     if args.ema_k:
-        cd.make_ema = keep_profiles(args.ema_k, profiles)
+        cd.make_ema = keep_profiles(args.ema_k, args.ema_cap, profiles)
     torch.manual_seed(args.seed)
     ema, history = cd.train(cd.DiffusionModel(**model_args), train_set, cd.TrainConfig(
         minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields), args.out)
     for label, model in [(args.change, ema)] if not profiles else \
-            [(f"{args.change}, EMA k {k}", e.module.eval()) for k, e in profiles.items()]:
+            [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]:
         r = cd.evaluate(model, train_set.faces, val_set.faces, 1000)
         levels = " / ".join(f"{v:.1f}" for v in r["swd"])
         print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
