@@ -85,14 +85,14 @@ def main():
     p.add_argument("--ema-cap", type=float, nargs="+", default=[], metavar="DECAY")
     p.add_argument("--out", type=Path, default=Path("outputs/recipe_changes"))
     args = p.parse_args()
+    if args.ema_cap and not args.ema_k:
+        p.error("--ema-cap needs --ema-k (the profiles' k)")
     train_set = cd.CatDataset(args.data, 64, split="train")
     val_set = cd.CatDataset(args.data, 64, split="val", quiet=True)
     names, fields, model_args = CHANGES[args.change]
     for name, fn in names.items():
         setattr(cd, name, fn)
     profiles = {}
-    if args.ema_cap and not args.ema_k:
-        p.error("--ema-cap needs --ema-k (the profiles' k)")
     if args.ema_k:
         cd.make_ema = keep_profiles(args.ema_k, args.ema_cap, profiles)
     torch.manual_seed(args.seed)
