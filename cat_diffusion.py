@@ -119,19 +119,24 @@ def atomic_write(path, write):
                                f"any earlier {path.name} is unchanged") from None
 
 
-def claim_outputs(paths, overwrite=False, ours=(), hint="pass --overwrite to replace it"):
+def file_digest(path):
+    """sha256 of a file's bytes: how a run recognises the files it wrote when it resumes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def claim_outputs(paths, overwrite=False, ours=None, hint="pass --overwrite to replace it"):
     """Check, before any work, that every file in `paths` can be written without replacing
     anything the user did not ask to replace: an existing file is refused unless `overwrite` or it
-    is one of `ours` (the files of a run being resumed); a folder in a file's place, or a file in a
-    folder's place, is refused always."""
-    ours = {Path(p).resolve() for p in ours}
+    is one of `ours` ({resolved path: digest} of the files a resumed run wrote) with its bytes
+    unchanged since; a folder in a file's place, or a file in a folder's place, is refused always."""
+    ours = ours or {}
     for path in map(Path, paths):
         existing = next((p for p in (path, *path.parents) if p.exists()), path)
         if existing != path and not existing.is_dir():
             raise Refused(f"{existing} is a file, so {path} cannot be written")
         if path.is_dir():
             raise Refused(f"{path} is a folder, not a file")
-        if path.exists() and not overwrite and path.resolve() not in ours:
+        if path.exists() and not overwrite and ours.get(str(path.resolve())) != file_digest(path):
             raise Refused(f"{path} already exists; {hint}")
 
 
@@ -1047,6 +1052,11 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
     """Refuse to resume a checkpoint's run as another run: the model, the data and RUN_SETTINGS
     must be the checkpoint's. The learning rate may change, and more epochs extend the run.
     Returns the changes to report."""
+    step, saved_total = ckpt.get("step"), ckpt.get("total")
+    if type(step) is not int or step < 0 or not (saved_total is None or type(saved_total) is int and
+                                                 saved_total >= step) or not isinstance(ckpt.get("model_config"), dict) \
+            or not isinstance(ckpt.get("train_config"), dict):
+        raise CheckpointError(f"{path}: damaged training state (step {step!r} of {saved_total!r})")
     differ = [f"{k} {was!r} -> {now!r}" for k, was, now in [
         *((k, ckpt["model_config"].get(k), v) for k, v in model.config.items()),
         *((k, ckpt["train_config"].get(k), getattr(cfg, k)) for k in RUN_SETTINGS),
@@ -1165,9 +1175,10 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     alpha_bar = ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
-    history, step, fingerprint = {"loss": [], "val": []}, 0, data_fingerprint(data)
+    history, step, fingerprint, outputs = {"loss": [], "val": []}, 0, data_fingerprint(data), {}
     if resume:
         ckpt = read_checkpoint(resume, want="training")
+        outputs = ckpt.get("outputs", {})  # the files an earlier end of this run wrote (see record_outputs)
         if cfg.minutes is not None and ckpt.get("total") is not None:  # planned already: scale it
             total = round(ckpt["total"] * cfg.minutes / (ckpt["train_config"].get("minutes") or cfg.minutes))
         changes = check_resume(resume, ckpt, model, cfg, fingerprint, total)
@@ -1189,7 +1200,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
                      torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch, total=total,
-                     history=history, data=fingerprint, settings=settings or {})
+                     history=history, data=fingerprint, settings=settings or {}, outputs=outputs)
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
         return step
 
@@ -1827,8 +1838,10 @@ def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=
 # ----------------------------------------------------------------------------------------------
 
 def model_path(name):
+    """The file of a model `name`: as given when it ends in .pth (a model) or .pt (a training
+    checkpoint, whose EMA weights load), else name + ".pth"."""
     path = Path(name)
-    return path if path.suffix == ".pth" else path.with_name(path.name + ".pth")
+    return path if path.suffix in (".pth", ".pt") else path.with_name(path.name + ".pth")
 
 
 def save_model(model, name, layouts=None):
@@ -1897,7 +1910,7 @@ def load_model(model, name, device="cpu"):
     The file carries its config: a `model` built differently gives an error naming the difference.
     Pass `model=None` to build the model from the file's config instead.
     """
-    path = model_path(name) if Path(name).suffix != ".pt" else Path(name)
+    path = model_path(name)
     ckpt = read_checkpoint(path)
     class_name = ckpt.get("class", "DiffusionModel")
     cls = MODEL_CLASSES.get(class_name) if isinstance(class_name, str) else None
@@ -2420,10 +2433,13 @@ def serve(model, layouts=None, host="127.0.0.1", port=8000):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+MAX_COUNT = 1_000_000  # the largest count any option takes (epochs, steps, faces, batch size, ...)
+
+
 def positive_int(text):
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_COUNT:,}, got {text}")
     return value
 
 
@@ -2538,15 +2554,31 @@ def training_recipe(args, device):
     return GPU_RECIPE["batch_size"], True, epochs
 
 
+def record_outputs(checkpoint, paths):
+    """Note in `checkpoint` the digest of each file the run wrote, so that a resumed run replaces
+    those files only while they are the ones it wrote (see `claim_outputs`). Paths in the run's
+    folder are kept relative to it, so that a moved or copied run folder still knows its files."""
+    ckpt = read_checkpoint(checkpoint, want="training")
+    ckpt["outputs"] = {run_relative(p, Path(checkpoint).parent): file_digest(p) for p in paths if Path(p).is_file()}
+    atomic_write(checkpoint, lambda f: torch.save(ckpt, f))
+
+
 RESUME_HINT = "pass --resume to continue that run, --overwrite to start over, or another --out/--name"
+
+
+def run_relative(path, folder):
+    """`path` as a checkpoint keeps it: relative to the run's `folder` when inside it (so that a moved
+    or copied run folder keeps its own files), else absolute; `folder / result` gives it back."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return str(path.relative_to(folder) if folder in path.parents else path)
 
 
 def settings_of(args, **paths):
     """A resumable command's settings for its checkpoint (what --resume takes back as defaults):
-    its options, with `paths` as absolute paths."""
+    its options, with `paths` as `run_relative` paths."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("command", "resume", "overwrite", "run_settings")}
-    return {**settings, **{k: str(Path(v).resolve()) for k, v in paths.items()}}
+                if k not in ("command", "resume", "overwrite", "run_settings", "run_outputs", "out")}
+    return {**settings, **{k: run_relative(v, args.out) for k, v in paths.items()}}
 
 
 TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
@@ -2557,13 +2589,11 @@ def run_train(args):
     rank, world = rank_and_world()
     args.batch_size, args.compile, args.epochs = training_recipe(args, pick_device(args.device))
     model_file = model_path(args.name)
-    ours = [] if args.resume is None else \
-        [args.resume.parent / f for f in TRAIN_OUTPUTS] + [args.run_settings.get("name", model_file)]
-    claim_outputs([args.out / f for f in TRAIN_OUTPUTS] + [model_file], args.overwrite, ours,
+    claim_outputs([args.out / f for f in TRAIN_OUTPUTS] + [model_file], args.overwrite, args.run_outputs,
                   hint=RESUME_HINT)
     if rank > 0:
         barrier()  # rank 0 draws any synthetic set and builds the face cache first
-    data_dir = resolve_data(args.data, args.synthetic_count, args.seed, default=args.data == Path("data"))
+    data_dir = resolve_data(args.data or Path("data"), args.synthetic_count, args.seed, default=args.data is None)
     train_set = CatDataset(data_dir, args.image_size, split="train", quiet=rank > 0)
     val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
     if rank == 0:
@@ -2594,6 +2624,7 @@ def run_train(args):
     g = torch.Generator(model_device(ema)).manual_seed(args.seed)
     write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
+    record_outputs(args.out / "checkpoint.pt", [model_file] + [args.out / f for f in TRAIN_OUTPUTS[1:]])
     finish_figures(args.out, ["loss_curve.png", "reconstructions.png", "samples.png", "denoising.png"])
 
 
@@ -2614,14 +2645,14 @@ def landmarks_of(model, photo):
 def run_distill(args):
     torch.manual_seed(args.seed)
     teacher = load_diffusion_model(args.model, args.device)
+    layouts = stored_layouts(args.model)
     try:
         check_student_steps(teacher, args.steps)
     except ValueError as e:
         raise CheckpointError(f"{args.model}: {e}") from None
     model_file = model_path(args.name)
     outputs = [args.out / "checkpoint.pt", args.out / "steps.png"]
-    claim_outputs(outputs + [model_file], args.overwrite, outputs + [args.run_settings.get("name", model_file)]
-                  if args.resume else [], hint=RESUME_HINT)
+    claim_outputs(outputs + [model_file], args.overwrite, args.run_outputs, hint=RESUME_HINT)
     fingerprint = weights_fingerprint(teacher)
     if args.resume and args.run_settings.get("teacher") != fingerprint:
         raise CheckpointError(f"{args.resume}: that run distils another teacher than {args.model}")
@@ -2635,7 +2666,7 @@ def run_distill(args):
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
     student = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings)
-    path = save_model(student, model_file, stored_layouts(args.model))
+    path = save_model(student, model_file, layouts)
     print(f"saved {path}: samples in {args.steps} steps (sample, eval and generate() use them by default)")
     g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
     noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
@@ -2643,6 +2674,7 @@ def run_distill(args):
     rows = [sample(m, 8, sampler, steps, x=noise.clone(), progress=False)  # the same noises, row by row
             for m, sampler, steps in ((teacher, *own), (teacher, own[0], args.steps), (student, None, None))]
     write_png(to_unit(torch.cat(rows)), args.out / "steps.png", nrow=8)
+    record_outputs(args.out / "checkpoint.pt", [model_file, args.out / "steps.png"])
     print(f"wrote {args.out / 'steps.png'}: rows from the teacher in {own[1]} and in {args.steps} steps of its "
           f"{own[0]}, then the student in {args.steps}")
 
@@ -2822,9 +2854,16 @@ COMMANDS = {"train": run_train, "distill": run_distill, "sample": run_sample, "e
             "fit-landmarks": run_fit_landmarks, "bench": run_bench, "serve": run_serve}
 
 class Parser(argparse.ArgumentParser):
-    """argparse with each error on one line: what is wrong, and where the options are listed."""
+    """argparse with each error on one line: what is wrong, and where the options are listed;
+    `raise_error(message)`, when given, makes the exception to raise instead."""
+
+    def __init__(self, *args, raise_error=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raise_error = raise_error
 
     def error(self, message):
+        if self.raise_error:
+            raise self.raise_error(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -2865,20 +2904,23 @@ def shared_options():
     return common, size, width, batch, checkpoints, model_file, sampling, json_out
 
 
-def build_parser(resumed=None):
-    """The command line; `resumed`, (command, a checkpoint's settings), become that command's defaults."""
+def build_parser(resumed=None, error=None):
+    """The command line; `resumed`, (command, a checkpoint's settings), become that command's defaults;
+    `error(message)` makes the exception a bad option raises (default: exit with the message)."""
     parser = Parser(prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample "
-                    "from it. With no command, `train` runs.")
+                    "from it. With no command, `train` runs.", raise_error=error)
+    parser.commands = {}
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     common, size, width, batch, checkpoints, model_file, sampling, json_out = shared_options()
     cfg, fit = TrainConfig, defaults_of(fit_landmarks)
 
     def command(name, description, *parents):
-        return commands.add_parser(name, help=description, description=description, parents=[*parents, common],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.commands[name] = commands.add_parser(name, help=description, description=description, parents=[*parents, common],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, raise_error=error)
+        return parser.commands[name]
 
     tr = command("train", "train on a CAT-format folder (the default command)", size, width, batch, checkpoints)
-    tr.add_argument("--data", type=Path, default=Path("data"),
+    tr.add_argument("--data", type=existing_dir, default=None,
                     help="folder of CAT photos with .cat files, at any depth; when the default "
                          "data/ holds none, a synthetic set is drawn into data/synthetic/")
     tr.add_argument("--epochs", type=positive_int, default=None,
@@ -2972,26 +3014,52 @@ def build_parser(resumed=None):
     return parser
 
 
+def saved_argv(parser, command, saved):
+    """A checkpoint's saved settings as the command line that gives them, so that they are checked
+    as typed options are."""
+    argv = []
+    for action in parser.commands[command]._actions:
+        value = saved.get(action.dest)
+        if not action.option_strings or value is None or action.dest in ("resume", "overwrite", "out"):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value is True else []
+        else:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
 def parse_args(argv):
     """Parse the command line. `train --resume` and `distill --resume` take the checkpoint's settings
-    as their defaults (with OUT its folder), so that only what changes needs saying."""
+    as their defaults (with OUT its folder), so that only what changes needs saying; the settings
+    are parsed as options, so a crafted checkpoint gets the same checks as a typed command line."""
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.run_settings = None
+    args.run_settings, args.run_outputs = None, {}
     if args.command in ("train", "distill") and args.resume is not None:
         resume = Path(args.resume or args.out / "checkpoint.pt")
         if not resume.is_file():
             parser.error(f"argument --resume: no such file: {resume}")
-        saved = read_checkpoint(resume, want="training").get("settings", {})
-        defaults = {k: v for k, v in saved.items() if k in vars(args) and k not in ("command", "resume", "overwrite")}
-        parser = build_parser((args.command, {**defaults, "out": str(resume.parent)}))
+        ckpt = read_checkpoint(resume, want="training")
+        saved, outputs = ckpt.get("settings"), ckpt.get("outputs", {})
+        if not isinstance(saved, dict) or not isinstance(outputs, dict) or \
+                not all(isinstance(v, str) for v in (*outputs, *outputs.values())):
+            raise CheckpointError(f"{resume}: damaged run settings")
+        if ("teacher" in saved) != (args.command == "distill"):
+            other = "distill" if "teacher" in saved else "train"
+            raise CheckpointError(f"{resume}: a checkpoint of a {other} run: resume it with {other} --resume")
+        checker = build_parser(error=lambda message: CheckpointError(f"{resume}: saved setting {message}"))
+        folder = resume.parent.resolve()
+        saved = {k: str(folder / v) if k in ("data", "name", "model") and isinstance(v, str) else v
+                 for k, v in saved.items()}
+        defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
+        parser = build_parser((args.command, {**defaults, "out": resume.parent}))
         args = parser.parse_args(argv)
         args.resume, args.run_settings = resume, saved
-    if args.command == "train" and args.data != Path("data") and not args.data.is_dir():
-        parser.error(f"argument --data: no such folder: {args.data}")
+        args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()}, str(resume.resolve()): file_digest(resume)}
     return args
 
 

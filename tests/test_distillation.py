@@ -182,6 +182,15 @@ def test_distill_refuses_a_teacher_of_the_wrong_kind_in_one_line(distilled, phot
     assert not (tmp_path / "o").exists() and not (tmp_path / "N.pth").exists()
 
 
+def test_distill_and_serve_take_a_training_checkpoint_as_the_model(distilled, photos, tmp_path):
+    """A training checkpoint (.pt) is a model file too: its EMA weights are the teacher, and the
+    layouts it has not got are looked up in it, not in a `.pt.pth` after the work (they were)."""
+    cd.main(["distill", "--model", str(distilled / "out" / "checkpoint.pt"), "--data", str(photos), "--steps", "1",
+             "--out", str(tmp_path / "o"), "--name", str(tmp_path / "S1"), *TINY])
+    assert cd.load_model(None, tmp_path / "S1").config["student_steps"] == 1
+    assert cd.stored_layouts(distilled / "out" / "checkpoint.pt") is None
+
+
 def test_distill_resume_refuses_another_teacher(distilled, photos, tmp_path):
     other = cd.DiffusionModel(16, base_channels=8, student_steps=8)
     torch.nn.init.normal_(other.head[-1].weight)

@@ -143,6 +143,22 @@ def photo_with_cat(folder, photos, text):
     return str(photo)
 
 
+def crafted_checkpoint(run, folder, settings=(), **state):
+    """A copy of the run's checkpoint in `folder` with some saved settings or state replaced."""
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["settings"].update(settings)
+    ckpt.update(state)
+    folder.mkdir(exist_ok=True)
+    torch.save(ckpt, folder / "checkpoint.pt")
+    return str(folder / "checkpoint.pt")
+
+
+def replaced(path):
+    """`path` replaced by another run's file (other bytes), as `--overwrite` from another run does."""
+    path.write_bytes(path.read_bytes() + b"another run")
+    return path
+
+
 def far_cat(path):
     write_cat(path, [[0, 0], [10, 0], [5, 8], [5, 5], [5, 0], [5, 5], [5, 5], [5, 0], [5, 5]])
     return str(path)
@@ -169,6 +185,29 @@ CASES = [
     ("resume with fewer epochs",
      lambda t, r, p: ["train", "--resume", str(r / "checkpoint.pt"), "--epochs", "1"], "1 epochs are only 4"),
     ("resume of a model file", lambda t, r, p: ["train", "--resume", str(r / "M.pth")], "M.pth: holds only model weights"),
+    ("resume over a model file another run wrote since",
+     lambda t, r, p: (replaced(r / "M.pth"), ["train", "--resume", str(r / "checkpoint.pt"), "--epochs", "3"])[1],
+     "M.pth already exists"),
+    ("resume over a picture changed since",
+     lambda t, r, p: (replaced(r / "samples.png"), ["train", "--resume", str(r / "checkpoint.pt"), "--epochs", "3"])[1],
+     "samples.png already exists"),
+    ("crafted checkpoint naming another model file",
+     lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", {"name": cat_file(t / "victim.pth", "v")}),
+                      "--epochs", "3"], "victim.pth already exists"),
+    ("crafted checkpoint with 1e15 epochs",
+     lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", {"epochs": 10 ** 15})],
+     "checkpoint.pt: saved setting argument --epochs"),
+    ("crafted checkpoint with a list for a size",
+     lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", {"width": [8]})],
+     "checkpoint.pt: saved setting argument --width"),
+    ("crafted checkpoint with the default data folder",
+     lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", {"data": "data"})],
+     "checkpoint.pt: saved setting argument --data: no such folder"),
+    ("crafted checkpoint at step -5",
+     lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", step=-5), "--epochs", "3"],
+     "damaged training state"),
+    ("a train checkpoint given to distill --resume",
+     lambda t, r, p: ["distill", "--resume", str(r / "checkpoint.pt")], "a checkpoint of a train run"),
     ("unknown device", lambda t, r, p: ["train", "--device", "bogus"], "argument --device"),
     ("huge seed", lambda t, r, p: ["train", "--seed", str(2 ** 70)], "argument --seed"),
     ("empty name", lambda t, r, p: ["train", "--name", ""], "argument --name"),
@@ -232,6 +271,20 @@ def test_hostile_command_line_fails_in_one_line_and_changes_no_file(build, messa
 
 
 @pytest.mark.skipif(cd.torch.cuda.is_available(), reason="this machine has a GPU")
+def test_resume_refuses_a_model_file_that_another_run_replaced(finished_run, photos, tmp_path, capsys):
+    """Run A finishes; run B writes A's model file with --overwrite; resuming A must not put A's
+    weights over B's without --overwrite (it did, as the checkpoint's own file)."""
+    run = Path(shutil.copytree(finished_run, tmp_path / "A"))
+    train(photos, tmp_path / "B", "--epochs", "1", "--name", str(run / "M"), "--overwrite")
+    b_model = (run / "M.pth").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cd.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3"])
+    assert "M.pth already exists" in str(e.value)
+    assert (run / "M.pth").read_bytes() == b_model
+    cd.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3", "--overwrite"])
+    assert (run / "M.pth").read_bytes() != b_model
+
+
 def test_cuda_device_without_a_gpu_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         cd.main(["train", "--device", "cuda"])
