@@ -21,15 +21,13 @@ data -> models -> diffusion -> devices -> training -> sampling and plots -> edit
 benchmark -> save/load -> distillation -> studio -> command line.
 """
 import argparse
-import base64
 import contextlib
 import dataclasses
 import datetime
 import hashlib
-import http.server
+import importlib
 import inspect
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -37,7 +35,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import warnings
@@ -51,7 +48,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
@@ -173,6 +169,7 @@ LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 2", "left
 # A mirror image swaps sides; ear points run around the head, so left ear 1 (outer base) becomes
 # right ear 3 (outer base) and the tips (2) swap with each other.
 FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
+EARS = ((3, 4, 5), (6, 7, 8))  # each ear's points, from its outer base over the tip to its inner base
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ALIGN_VERSION = 3  # bump when alignment output changes: it is part of the cache key
 MIN_FACE = 32  # faces whose box is narrower than this many photo pixels are dropped
@@ -651,7 +648,6 @@ def resolve_data(folder, synthetic_count, seed, default):
     return synthetic
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Models: the denoiser, a convolutional encoder-decoder (U-Net) conditioned on the noise level;
 # the landmark finder that checks landmark-guided samples
@@ -753,6 +749,10 @@ class DiffusionModel(nn.Module):
     `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
     sample in N steps of the "student" sampler, which is then its default.
     """
+    # What a model file may ask for (see `checked_config`) and the command line may build: beyond
+    # these a model takes hours a sample or gigabytes, never a better cat on this data.
+    LIMITS = {"image_size": (8, 256), "base_channels": (1, 512), "channel_mults": (1, 16), "blocks": (1, 8),
+              "attention_below": (0, 32), "dropout": (0, 1), "landmarks": (0, 1), "student_steps": (0, 32)}
 
     def __init__(self, image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), blocks=1,
                  attention_below=8, dropout=0.0, landmarks=False, student_steps=0):
@@ -770,7 +770,7 @@ class DiffusionModel(nn.Module):
         emb_dim = 4 * base_channels
         self.freqs = base_channels + base_channels % 2  # sines and cosines come in pairs
         self.time_mlp = nn.Sequential(nn.Linear(self.freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(3 + 9 * landmarks, ch[0], 3, padding=1)
+        self.stem = nn.Conv2d(3 + len(LANDMARKS) * landmarks, ch[0], 3, padding=1)
 
         def stage(c_in, c_out, r):
             return Stage(c_in, c_out, blocks, emb_dim, dropout, attention=r <= attention_below)
@@ -786,7 +786,7 @@ class DiffusionModel(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.freqs))
         if self.config["landmarks"]:
             if landmarks is None:
-                landmarks = x.new_full((len(x), 9, 2), math.nan)
+                landmarks = x.new_full((len(x), len(LANDMARKS), 2), math.nan)
             x = torch.cat([x, landmark_heatmaps(landmarks.float(), x.shape[-1]).to(x.dtype)], dim=1)
         h, skips = self.stem(x), []
         for stage, down in zip(self.encoder, self.down):
@@ -797,28 +797,6 @@ class DiffusionModel(nn.Module):
         for i in reversed(range(3)):
             h = self.decoder[i](torch.cat([self.up[i](h), skips[i]], dim=1), emb)
         return self.head(h)
-
-
-class LandmarkNet(nn.Module):
-    """A small CNN that finds the 9 landmarks in an aligned face ([-1, 1] images -> (B, 9, 2) in
-    [0, 1] face coordinates): the judge of whether landmark-guided samples follow their landmarks."""
-
-    def __init__(self, image_size=64, width=32):
-        super().__init__()
-        self.config = dict(image_size=image_size, width=width)
-        layers, c = [], 3
-        for i in range(4):  # four halvings, then a linear read-out that keeps where features are
-            layers += [nn.Conv2d(c, width << i, 3, stride=2, padding=1), group_norm(width << i), nn.SiLU(),
-                       nn.Conv2d(width << i, width << i, 3, padding=1), group_norm(width << i), nn.SiLU()]
-            c = width << i
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        side = image_size
-        for _ in range(4):
-            side = (side + 1) // 2  # a stride-2 convolution with padding 1 rounds up
-        self.head = nn.Linear(c * side ** 2, 18)
-
-    def forward(self, x):
-        return self.head(self.features(x)).view(-1, 9, 2) + 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -937,7 +915,6 @@ def autocast(device, dtype):
 
 def model_device(model):
     return next(model.parameters()).device
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1546,9 +1523,12 @@ def interpolate(model, face_a, face_b, frames=8, steps=50, landmarks_a=None, lan
     return sample(model, frames, "ddim", steps, x=x, landmarks=marks, progress=False)
 
 
+REGIONS = ("eyes", "ears", "mouth")  # the face regions that `region_mask` draws from landmarks
+
+
 def region_mask(landmarks, size, region):
-    """Boolean (size, size) mask of a face region from its landmarks: "eyes", "ears", "mouth", or
-    a box "box:x0,y0,x1,y1" in face pixels."""
+    """Boolean (size, size) mask of a face region from its landmarks: one of REGIONS, or a box
+    "box:x0,y0,x1,y1" in face pixels."""
     canvas = Image.new("L", (size, size))
     draw = ImageDraw.Draw(canvas)
     p = [tuple(xy) for xy in (landmarks * size).tolist()]
@@ -1560,11 +1540,11 @@ def region_mask(landmarks, size, region):
         for x, y in (p[:2] if region == "eyes" else p[2:3]):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=1)
     elif region == "ears":
-        for ear in (p[3:6], p[6:9]):  # the triangle of its three points, with a margin
+        for ear in ([p[i] for i in ear] for ear in EARS):  # the triangle of its three points, with a margin
             draw.polygon(ear, fill=1)
             draw.line(ear + ear[:2], fill=1, width=max(1, round(0.3 * iod)), joint="curve")
     else:
-        raise ValueError(f"unknown region {region!r}: use eyes, ears, mouth or box:x0,y0,x1,y1")
+        raise ValueError(f"unknown region {region!r}: use {', '.join(REGIONS)} or box:x0,y0,x1,y1")
     return torch.from_numpy(np.array(canvas) > 0)
 
 
@@ -1606,236 +1586,15 @@ def psnr(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: sliced Wasserstein distance of Laplacian-pyramid patches; memorisation
-# ----------------------------------------------------------------------------------------------
-
-def laplacian_pyramid(images, levels):
-    """Band-pass levels, finest first, and the coarsest Gaussian level last (Burt & Adelson 1983),
-    with the 5-tap binomial filter used by Karras et al. 2018."""
-    k = torch.tensor([1.0, 4, 6, 4, 1])
-    kernel = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5).to(images)
-    pyramid, g = [], images
-    for _ in range(levels - 1):
-        small = F.conv2d(F.pad(g, (2, 2, 2, 2), mode="reflect"), kernel, stride=2, groups=3)
-        up = F.conv_transpose2d(small, 4 * kernel, stride=2, padding=2, output_padding=1, groups=3)
-        pyramid.append(g - up)
-        g = small
-    return pyramid + [g]
-
-
-def patch_descriptors(level, per_image, generator):
-    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D).
-    Patches are gathered at their positions, not unfolded everywhere: 1,000 images' metrics in seconds."""
-    n, c, h, w = level.shape
-    y = torch.randint(0, h - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)[:, None]
-    x = torch.randint(0, w - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)
-    desc = level.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None, None], y, x]  # (n, per_image, 7, 7, c)
-    desc = desc.permute(0, 1, 4, 2, 3).reshape(-1, c, 49)
-    desc = (desc - desc.mean((0, 2), keepdim=True)) / desc.std((0, 2), keepdim=True).clamp_min(1e-8)
-    return desc.flatten(1)
-
-
-def sliced_wasserstein(a, b, generator, projections=512):
-    """Mean over random unit directions of the 1-D Wasserstein distance between projections
-    (projections sorted along rows: sorting is the cost)."""
-    dirs = F.normalize(torch.randn(projections, a.shape[1], generator=generator), dim=1)
-    pa, pb = (dirs @ a.T).sort(1).values, (dirs @ b.T).sort(1).values
-    return (pa - pb).abs().mean().item()
-
-
-def swd(images_a, images_b, seed=0, per_image=128, min_size=16):
-    """SWD x 1e3 per pyramid level (finest first) between two equal-size sets in [-1, 1]
-    (Karras et al. 2018, "Progressive Growing of GANs", appendix D)."""
-    g = torch.Generator().manual_seed(seed)
-    levels = int(math.log2(images_a.shape[-1] // min_size)) + 1
-    pyr_a, pyr_b = laplacian_pyramid(images_a.float().cpu(), levels), laplacian_pyramid(images_b.float().cpu(), levels)
-    return [1e3 * sliced_wasserstein(patch_descriptors(la, per_image, g), patch_descriptors(lb, per_image, g), g)
-            for la, lb in zip(pyr_a, pyr_b)]
-
-
-def nearest_distance(queries, references, size=32):
-    """Mean L2 distance from each query to its nearest reference, at `size` px."""
-    def flat(x):
-        return F.interpolate(x.float().cpu(), size=size, mode="area").flatten(1)
-    q, r = flat(queries), flat(references)
-    return torch.cat([torch.cdist(chunk, r).min(1).values for chunk in q.split(256)]).mean().item()
-
-
-def sample_quality(samples, train_faces, val_faces, seed=0):
-    """How close `samples` ([-1, 1]) come to held-out faces: SWD per level, the real-vs-real floor,
-    memorisation. Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size
-    m = min(len(samples), len(val)): the floor compares the validation faces with as many training faces."""
-    m = min(len(samples), len(val_faces))
-    if len(train_faces) < m:
-        raise ValueError(f"need at least {m} training faces for the real-vs-real floor")
-    val, train = to_model_range(val_faces[:m]), to_model_range(train_faces)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:m]
-    fake, floor = swd(samples[:m], val, seed), swd(train[order], val, seed)
-    memorisation = nearest_distance(samples, train) / nearest_distance(val, train)
-    return dict(n=len(samples), m=m, swd=fake, swd_mean=sum(fake) / len(fake), floor=floor,
-                floor_mean=sum(floor) / len(floor), memorisation=memorisation)
-
-
-def evaluate(model, train_faces, val_faces, n=1000, sampler=None, steps=None, seed=0):
-    """`sample_quality` of `n` samples of `model`."""
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    samples = sample(model, n, sampler, steps, generator=g).cpu()
-    sampler, steps = sampler_of(model, sampler, steps)
-    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler, steps=steps)
-
-
-def landmark_error(net, images, landmarks, batch_size=256):
-    """Mean distance in pixels between the landmarks `net` finds in `images` ([-1, 1]) and
-    `landmarks`."""
-    device = model_device(net)
-    dtype = autocast_dtype(device)
-    net.eval()
-    found = []
-    with torch.no_grad(), autocast(device, dtype):
-        for chunk in images.split(batch_size):
-            found.append(net(chunk.to(device, memory_format=torch.channels_last)).float().cpu())
-    return ((torch.cat(found) - landmarks.cpu()) * images.shape[-1]).norm(dim=-1).mean().item()
-
-
-def fit_landmarks(net, data, val_data, epochs=15, batch_size=64, lr=2e-3, seed=0, device="auto"):
-    """Train `net` on `data` (a CatDataset or anything with .faces and .landmarks; flipped at random)
-    with an L1 loss; returns the validation error in pixels after each epoch."""
-    device = pick_device(device)
-    dtype = autocast_dtype(device)
-    net.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    n = len(data.faces)
-    batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
-    errors = []
-    for epoch in tqdm(range(epochs), desc="landmark net", unit="epoch"):
-        net.train()
-        order, flips = epoch_order(n, seed, epoch)
-        for idx in order[:steps_per_epoch * batch_size].split(batch_size):
-            x, marks = make_batch(data.faces, data.landmarks, idx, flips[idx], device)
-            with autocast(device, dtype):
-                loss = F.l1_loss(net(x).float(), marks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        errors.append(landmark_error(net, to_model_range(val_data.faces), val_data.landmarks))
-    return errors
-
-
-def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler=None, steps=None,
-                       guidance=1.0, seed=0):
-    """The landmark net's mean error (pixels) on held-out real faces, on samples conditioned on those
-    faces' landmarks (against the requested landmarks), and on unconditional samples (against the
-    same landmarks): conditioning works when the middle one is near the first and far below the last.
-    Also the SWD of the conditioned samples against those faces (guidance trades it for adherence)."""
-    m = min(n, len(val_faces))
-    marks = val_landmarks[:m]
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    conditioned = sample(model, m, sampler, steps, generator=g, landmarks=marks, guidance=guidance)
-    unconditional = sample(model, m, sampler, steps, generator=g)
-    real = to_model_range(val_faces[:m])
-    swd_conditioned = swd(conditioned, real, seed)
-    return dict(n=m, guidance=guidance, real=landmark_error(net, real, marks),
-                conditioned=landmark_error(net, conditioned, marks),
-                unconditional=landmark_error(net, unconditional, marks),
-                swd_conditioned=sum(swd_conditioned) / len(swd_conditioned))
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: throughput, FLOPs, utilisation of the measured peak, memory
-# ----------------------------------------------------------------------------------------------
-
-def timed(fn, repeats, warmup=1, device=None):
-    """Seconds per call of `fn`, after `warmup` calls; `repeats` grows until the timed calls span
-    0.2 s, so that a fast GPU step is not lost in launch and timer noise."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    while True:
-        sync()
-        tic = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        elapsed = time.perf_counter() - tic
-        if elapsed >= 0.2:
-            return elapsed / repeats
-        repeats = max(2 * repeats, math.ceil(repeats * 0.25 / max(elapsed, 1e-9)))
-
-
-def peak_matmul_tflops(device, dtype):
-    """The machine's dense matmul rate in `dtype`, measured: the roof for model FLOP utilisation."""
-    n = 8192 if device.type == "cuda" else 2048  # a GPU needs a big product to reach its peak
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    matmul = torch.backends.cuda.matmul
-    tf32, matmul.allow_tf32 = matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # cuDNN runs fp32 convs as TF32
-    try:
-        return 2 * n ** 3 / timed(lambda: a @ b, repeats=10, warmup=3, device=device) / 1e12
-    finally:
-        matmul.allow_tf32 = tf32
-
-
-def training_flops_per_image(model, device):
-    """Forward + backward FLOPs of one training image (convolutions and matmuls), counted."""
-    size = model.config["image_size"]
-    x, t = torch.randn(2, 3, size, size, device=device), torch.tensor([10, 500], device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t).square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
-
-
-def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=3, dataset_size=10_000,
-              compile=False):
-    """Throughput figures for one config; sampling rates are per-step times scaled to each
-    sampler's default number of steps, and to distilled students' 4, 2 and 1 (every step is one
-    network evaluation). `compile`: training through torch.compile."""
-    import resource
-    dtype = autocast_dtype(device, precision)
-    model.to(device, memory_format=torch.channels_last).train()
-    size = model.config["image_size"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator(device).manual_seed(0)
-    faces = torch.randint(0, 256, (dataset_size, 3, size, size), dtype=torch.uint8, device=device)
-    marks = torch.zeros(dataset_size, 9, 2, device=device)
-    x0 = make_batch(faces, marks, torch.arange(batch_size), None, device)[0]
-    alpha_bar = ALPHA_BAR.to(device)
-
-    net = torch.compile(model) if compile else model
-
-    def train_step():
-        with autocast(device, dtype):
-            loss = diffusion_loss(net, x0, *draw_noise(x0, g), alpha_bar)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    train_rate = batch_size / timed(train_step, train_steps, warmup=2, device=device)
-    model.eval()
-    step_time = timed(lambda: sample(model, batch_size, "ddim", sample_steps, generator=g, precision=precision,
-                                     progress=False), 1, device=device) / sample_steps
-    order, flips = epoch_order(dataset_size, 0, 0)
-    loader_rate = dataset_size / timed(lambda: [make_batch(faces, marks, idx, flips[idx], device)
-                                                for idx in order.split(batch_size)], 1, warmup=0, device=device)
-    flops = training_flops_per_image(model, device)
-    peak = {p: peak_matmul_tflops(device, d) for p, d in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    achieved = flops * train_rate / 1e12
-    return dict(
-        device=str(device), precision="bf16" if dtype else "fp32", config=model.config, batch_size=batch_size,
-        parameters=sum(p.numel() for p in model.parameters()), train_images_per_s=train_rate,
-        sample_images_per_s={f"{k} {v}": batch_size / (step_time * v) for k, v in
-                             [*((k, v) for k, v in SAMPLERS.items() if k != "student"), *(("student", v) for v in (4, 2, 1))]},
-        loader_images_per_s=loader_rate, gflops_per_train_image=flops / 1e9, achieved_tflops=achieved,
-        peak_tflops=peak, utilisation=achieved / peak["bf16" if dtype else "fp32"],
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        torch=torch.__version__, threads=torch.get_num_threads(), compiled=compile)
-
-
-# ----------------------------------------------------------------------------------------------
 # Save and load
 # ----------------------------------------------------------------------------------------------
+
+def layout_stats(landmarks):
+    """Mean (9, 2) and covariance (18, 18) of aligned landmarks: the distribution the studio's
+    "random layout" draws from, stored in a landmark model's file (the faces are not)."""
+    flat = landmarks.reshape(len(landmarks), 18).double()
+    return {"mean": flat.mean(0).reshape(9, 2).float(), "cov": torch.cov(flat.T).reshape(18, 18).float()}
+
 
 def model_path(name):
     """The file of a model `name`: as given when it ends in .pth (a model) or .pt (a training
@@ -1863,11 +1622,7 @@ def stored_layouts(name):
     return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
 
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (DiffusionModel, LandmarkNet)}
 SAMPLING_ONLY = ("student_steps",)  # settings that change no weight: load_model takes them from the file
-CONFIG_RANGES = {"image_size": (8, 1024), "base_channels": (1, 4096), "channel_mults": (1, 64), "blocks": (1, 64),
-                 "attention_below": (0, 1024), "dropout": (0, 1), "landmarks": (0, 1), "width": (1, 4096),
-                 "student_steps": (0, 1024)}
 
 
 def defaults_of(fn):
@@ -1877,7 +1632,7 @@ def defaults_of(fn):
 
 def checked_config(cls, config, path):
     """A model file's config, checked before anything is built from it: known keys, each of its
-    default's type and within CONFIG_RANGES, and a model whose weights fit in the file (counted
+    default's type and within the class's LIMITS, and a model whose weights fit in the file (counted
     on the meta device, which allocates nothing), so that loading costs at most about the file's
     own size in memory."""
     defaults = defaults_of(cls)
@@ -1886,7 +1641,7 @@ def checked_config(cls, config, path):
         raise CheckpointError(f"{path}: unknown model settings {unknown!r}")
     config = {**defaults, **config}
     for key, value in config.items():
-        kind, (low, high) = type(defaults[key]), CONFIG_RANGES[key]
+        kind, (low, high) = type(defaults[key]), cls.LIMITS[key]
         values = value if isinstance(value, (list, tuple)) and kind is tuple else [value]
         ok = isinstance(value, (list, tuple)) == (kind is tuple) and len(values) > 0 and all(
             type(v) is (int if kind is tuple else kind) or (kind is float and type(v) is int) for v in values)
@@ -1908,32 +1663,33 @@ def load_model(model, name, device="cpu"):
     """Load `name.pth` (a saved model, or a training checkpoint's EMA weights) into `model`.
 
     The file carries its config: a `model` built differently gives an error naming the difference.
-    Pass `model=None` to build the model from the file's config instead.
+    Pass `model=None` to build a DiffusionModel from the file's config instead (or a class: one of it).
     """
     path = model_path(name)
     ckpt = read_checkpoint(path)
-    class_name = ckpt.get("class", "DiffusionModel")
-    cls = MODEL_CLASSES.get(class_name) if isinstance(class_name, str) else None
-    if cls is None:
-        raise CheckpointError(f"{path}: holds an unknown model class {class_name!r}")
+    cls = DiffusionModel if model is None else model if isinstance(model, type) else type(model)
+    model = None if isinstance(model, type) else model
+    if ckpt.get("class", "DiffusionModel") != cls.__name__:
+        raise CheckpointError(f"{path}: holds a {str(ckpt.get('class'))[:40]}, not a {cls.__name__}")
     config = checked_config(cls, ckpt.get("config" if ckpt["kind"] == "model" else "model_config"), path)
-    if model is None:
-        model = cls(**config)
-    elif type(model) is not cls:
-        raise CheckpointError(f"{path}: holds a {cls.__name__}, not a {type(model).__name__}")
-    model.config.update({k: config[k] for k in SAMPLING_ONLY if k in model.config})
-    if model.config != config:
-        diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in model.config.items()
-                         if config.get(k) != v)
-        raise CheckpointError(f"{path}: saved with {diff}; build DiffusionModel(**config) to match, "
+    wanted = config if model is None else {**model.config, **{k: config[k] for k in SAMPLING_ONLY if k in config}}
+    if wanted != config:
+        diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in wanted.items() if config.get(k) != v)
+        raise CheckpointError(f"{path}: saved with {diff}; build {cls.__name__}(**config) to match, "
                               f"or call load_model(None, {str(name)!r})")
+    loaded = cls(**config)  # loaded apart, so that a refused file leaves `model` as it was
     try:
         weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
             {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(weights)
+        loaded.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[1:2] or type(e).__name__
         raise CheckpointError(f"{path}: weights do not fit the model: {reason}") from None
+    if model is not None:
+        model.config.update(config)
+        model.load_state_dict(loaded.state_dict())
+        loaded = model
+    model = loaded
     return model.to(device).eval()
 
 
@@ -1944,7 +1700,7 @@ def load_model(model, name, device="cpu"):
 DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step. Measured (4-step students of one
 # teacher, 10 minutes each, eval -n 1000; the teacher's DPM-Solver++ 20: 33.9): one round on these targets SWD 34.4;
 # with substeps from lambda = -9.9 instead of -6 (3 of 4 on near-pure noise) 38.1; progressive halvings 64 -> 4 42.1
-STUDENT_MAX = 32  # steps; at 4 substeps each, a trained teacher's substeps stay distinct timesteps
+STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]  # at 4 substeps a step, a trained teacher's stay distinct
 
 
 def teacher_grid(teacher, steps):
@@ -2054,382 +1810,6 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Studio: a local web page to pose the landmarks, generate, inpaint and interpolate
-# ----------------------------------------------------------------------------------------------
-
-def layout_stats(landmarks):
-    """Mean (9, 2) and covariance (18, 18) of aligned landmarks: the distribution the studio's
-    "random layout" draws from, stored in a landmark model's file (the faces are not)."""
-    flat = landmarks.reshape(len(landmarks), 18).double()
-    return {"mean": flat.mean(0).reshape(9, 2).float(), "cov": torch.cov(flat.T).reshape(18, 18).float()}
-
-
-class ApiError(Exception):
-    """A request the studio refuses: its HTTP status and a one-line reason."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-STUDIO_LIMITS = dict(body_bytes=16_384, n=32, steps=200, frames=24, versions=8, seed=2 ** 31 - 1,
-                     guidance=10.0, wait_seconds=120)  # wait: how long a request queues for the model
-
-
-def field(request, name, kind, low, high, default=None):
-    """`request[name]` checked to be a `kind` (int or float) within [low, high] (so not NaN)."""
-    value = request.get(name, default)
-    if not (type(value) is kind or kind is float and type(value) is int) or not low <= value <= high:
-        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'} from {low} to {high}, "
-                            f"got {value!r}")
-    return value
-
-
-def landmarks_field(request, name="landmarks"):
-    """9 (x, y) pairs in face coordinates, finite and within half a face of it; None if absent."""
-    value = request.get(name)
-    if value is None:
-        return None
-    try:
-        marks = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        marks = None
-    if marks is None or marks.shape != (9, 2) or not torch.isfinite(marks).all() or (marks - 0.5).abs().max() > 1:
-        raise ApiError(400, f"{name} must be 9 [x, y] pairs from -0.5 to 1.5 (face coordinates)")
-    return marks.float()
-
-
-def png_data_urls(images):
-    """Images in [0, 1] as PNG data URLs for the page."""
-    urls = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, format="png")
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return urls
-
-
-STUDIO_PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cat_diffusion studio</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 16px; background: #f6f4f0; color: #222; }
-h1 { font-size: 18px; margin: 0 0 4px; } .muted { color: #777; }
-main { display: flex; gap: 20px; align-items: flex-start; flex-wrap: wrap; }
-main > section:last-child { flex: 1; min-width: 610px; }
-section { background: #fff; border-radius: 8px; padding: 12px; box-shadow: 0 1px 3px #0002; }
-canvas { border: 1px solid #ccc; border-radius: 4px; touch-action: none; cursor: grab; }
-label { display: block; margin: 6px 0; } input[type=number] { width: 80px; }
-button { margin: 4px 4px 4px 0; padding: 5px 10px; cursor: pointer; }
-#grid, #versions { display: grid; grid-template-columns: repeat(8, 72px); gap: 4px; }
-#grid img, #versions img, #frame { width: 72px; height: 72px; image-rendering: pixelated; border: 2px solid transparent; }
-#grid img.selected { border-color: #e07020; } #grid img.target { border-color: #2070e0; }
-#frame { width: 192px; height: 192px; } #error { color: #b00; }
-</style></head>
-<body>
-<h1>cat_diffusion studio</h1>
-<div id="status" class="muted">loading the model...</div>
-<div id="error"></div>
-<main>
-<section id="editor" hidden>
-  <canvas id="face" width="320" height="320"></canvas><br>
-  <button id="mean">mean layout</button><button id="random">random layout</button>
-  <label>guidance <input id="guidance" type="range" min="1" max="4" step="0.25"> <span id="guidance-value"></span></label>
-</section>
-<section>
-  <label>cats <input id="n" type="number" min="1" value="8"></label>
-  <label>seed <input id="seed" type="number" min="0" value="0"> <button id="reroll">re-roll</button></label>
-  <label>steps <input id="steps" type="number" min="1"></label>
-  <button id="generate"><b>Generate</b></button>
-  <div id="grid"></div>
-  <div id="selected" hidden>
-    <p>Click a cat to choose it. Regenerate its
-      <button data-region="eyes">eyes</button><button data-region="ears">ears</button><button data-region="mouth">mouth</button>
-      or <button id="interpolate">interpolate</button> to the cat marked blue (shift-click one).</p>
-    <div id="versions"></div>
-    <div id="morph" hidden><img id="frame" alt="frame"><br><input id="scrub" type="range" min="0" value="0" style="width: 192px"></div>
-  </div>
-</section>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const view = { lo: -0.45, span: 1.75 };  // the canvas shows face coordinates -0.45 .. 1.3
-const studio = { info: null, landmarks: [], lastRequest: null, cats: [], selected: null, target: null, frames: [], view };
-window.studio = studio;
-const canvas = $("face"), ctx = canvas.getContext("2d");
-const toCanvas = ([x, y]) => [(x - view.lo) / view.span * canvas.width, (y - view.lo) / view.span * canvas.height];
-const toFace = (px, py) => [px / canvas.width * view.span + view.lo, py / canvas.height * view.span + view.lo];
-const short = ["L eye", "R eye", "mouth", "L ear 1", "L ear 2", "L ear 3", "R ear 1", "R ear 2", "R ear 3"];
-let backdrop = null, dragging = -1;
-
-function draw() {
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const [x0, y0] = toCanvas([0, 0]), [x1, y1] = toCanvas([1, 1]);
-  if (backdrop) { ctx.globalAlpha = 0.5; ctx.imageSmoothingEnabled = false; ctx.drawImage(backdrop, x0, y0, x1 - x0, y1 - y0); ctx.globalAlpha = 1; }
-  ctx.strokeStyle = "#bbb"; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
-  const p = studio.landmarks.map(toCanvas);
-  ctx.strokeStyle = "#e07020"; ctx.lineWidth = 2;
-  for (const ear of [[3, 4, 5], [6, 7, 8]]) {
-    ctx.beginPath(); ear.forEach((i, k) => k ? ctx.lineTo(...p[i]) : ctx.moveTo(...p[i])); ctx.stroke();
-  }
-  ctx.font = "11px system-ui";
-  p.forEach(([x, y], i) => {
-    ctx.fillStyle = i < 2 ? "#2a8" : i == 2 ? "#c33" : "#e07020";
-    ctx.beginPath(); ctx.arc(x, y, 6, 0, 2 * Math.PI); ctx.fill();
-    ctx.fillStyle = "#222";
-    ctx.fillText(short[i], Math.min(x + 8, canvas.width - 48), Math.max(y - 6, 12));
-  });
-}
-
-function pointer(e) { const r = canvas.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }
-canvas.addEventListener("pointerdown", (e) => {
-  const [px, py] = pointer(e);
-  let best = 14;
-  studio.landmarks.map(toCanvas).forEach(([x, y], i) => { const d = Math.hypot(x - px, y - py); if (d < best) { best = d; dragging = i; } });
-  if (dragging >= 0) canvas.setPointerCapture(e.pointerId);
-});
-canvas.addEventListener("pointermove", (e) => {
-  if (dragging < 0) return;
-  const [x, y] = toFace(...pointer(e));
-  const inside = (v) => Math.min(view.lo + view.span, Math.max(view.lo, v));
-  studio.landmarks[dragging] = [inside(x), inside(y)];
-  draw();
-});
-canvas.addEventListener("pointerup", () => { dragging = -1; });
-
-async function api(path, body) {
-  const tic = performance.now();
-  $("error").textContent = "";
-  const response = await fetch(path, body === undefined ? {} : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-  const result = await response.json();
-  if (!response.ok) { $("error").textContent = result.error; throw new Error(result.error); }
-  if (result.seconds !== undefined)
-    $("status").textContent = `${studio.info.device.toUpperCase()} · ${path}: ${result.seconds.toFixed(2)} s on the model, ${((performance.now() - tic) / 1000).toFixed(2)} s in all`;
-  return result;
-}
-
-function images(box, urls, onclick) {
-  box.replaceChildren(...urls.map((url, i) => { const img = new Image(); img.src = url; img.onclick = (e) => onclick(i, e); return img; }));
-}
-
-function catRequest() {
-  const request = { n: +$("n").value, seed: +$("seed").value, steps: +$("steps").value };
-  if (studio.info.landmarks) Object.assign(request, { landmarks: studio.landmarks, guidance: +$("guidance").value });
-  return request;
-}
-
-async function generate() {
-  $("generate").disabled = true;
-  try {
-    const request = catRequest(), result = await api("/api/generate", request);
-    studio.lastRequest = request; studio.cats = result.images; studio.selected = studio.target = null;
-    images($("grid"), result.images, choose);
-    $("selected").hidden = false; $("versions").replaceChildren(); $("morph").hidden = true;
-    backdrop = $("grid").firstChild; backdrop.onload = draw;
-  } finally { $("generate").disabled = false; }
-}
-
-function choose(i, e) {
-  if (e.shiftKey) studio.target = i; else studio.selected = i;
-  [...$("grid").children].forEach((img, k) => { img.classList.toggle("selected", k === studio.selected); img.classList.toggle("target", k === studio.target); });
-}
-
-async function inpaint(region) {
-  if (studio.selected === null) return ($("error").textContent = "click a cat first");
-  const result = await api("/api/inpaint", { cat: { ...studio.lastRequest, index: studio.selected }, region, versions: 4 });
-  images($("versions"), result.images, () => {});
-}
-
-async function interpolate() {
-  if (studio.selected === null || studio.target === null) return ($("error").textContent = "click a cat, then shift-click another");
-  const result = await api("/api/interpolate", { a: { ...studio.lastRequest, index: studio.selected }, b: { ...studio.lastRequest, index: studio.target }, frames: 12 });
-  studio.frames = result.images;
-  $("scrub").max = result.images.length - 1; $("scrub").value = 0; $("frame").src = result.images[0]; $("morph").hidden = false;
-}
-
-async function start() {
-  const info = studio.info = await (await fetch("/api/info")).json();
-  studio.landmarks = info.mean.map((p) => [...p]);
-  $("steps").value = info.steps; $("n").max = info.limits.n; $("steps").max = info.limits.steps;
-  $("guidance").value = info.guidance; $("guidance-value").textContent = info.guidance;
-  $("editor").hidden = !info.landmarks; $("random").disabled = !info.random_layout;
-  $("status").textContent = `${info.device.toUpperCase()} · ${info.image_size}px · ${info.sampler} ${info.steps} steps` + (info.landmarks ? "" : " · a model without landmarks: unconditional cats");
-  draw();
-}
-
-$("guidance").oninput = () => { $("guidance-value").textContent = $("guidance").value; };
-$("mean").onclick = () => { studio.landmarks = studio.info.mean.map((p) => [...p]); draw(); };
-$("random").onclick = async () => { studio.landmarks = (await api("/api/layout", { seed: Math.floor(Math.random() * 1e9) })).landmarks; draw(); };
-$("reroll").onclick = () => { $("seed").value = Math.floor(Math.random() * 1e9); generate(); };
-$("generate").onclick = generate;
-$("interpolate").onclick = interpolate;
-$("scrub").oninput = () => { $("frame").src = studio.frames[+$("scrub").value]; };
-document.querySelectorAll("[data-region]").forEach((b) => { b.onclick = () => inpaint(b.dataset.region); });
-start();
-</script>
-</body></html>
-"""
-
-
-class Studio:
-    """What the page's requests run: one model, one request at a time (the CPU or GPU is the
-    bottleneck; others queue for up to STUDIO_LIMITS["wait_seconds"], then get 503)."""
-
-    def __init__(self, model, layouts=None):
-        self.model, self.lock = model, threading.Lock()
-        self.landmarks = model.config["landmarks"]
-        self.mean = layouts["mean"] if layouts else align_landmarks(100 * SYNTH_LANDMARKS.astype(np.float32))
-        self.cov = layouts["cov"] if layouts else None
-
-    def info(self):
-        sampler, steps = sampler_of(self.model)
-        return dict(landmarks=self.landmarks, names=LANDMARKS, mean=self.mean.tolist(), random_layout=self.cov
-                    is not None, device=model_device(self.model).type, image_size=self.model.config["image_size"],
-                    sampler=sampler, steps=steps, guidance=guidance_of(self.model) if self.landmarks else 1.0,
-                    limits=STUDIO_LIMITS)
-
-    def layout(self, request):
-        """A layout drawn from the training landmarks' Gaussian (mean, covariance)."""
-        if self.cov is None:
-            raise ApiError(400, "this model file stores no landmark layouts (a model trained before they were kept)")
-        g = torch.Generator().manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"]))
-        scale = torch.linalg.cholesky(self.cov.double() + 1e-6 * torch.eye(18, dtype=torch.float64))
-        marks = self.mean.double().reshape(18) + scale @ torch.randn(18, generator=g, dtype=torch.float64)
-        return dict(landmarks=marks.clamp(-0.5, 1.5).reshape(9, 2).tolist())
-
-    def cats(self, request):
-        """The noises, condition and sampling settings of a request's cats: `n` from `seed`."""
-        n = field(request, "n", int, 1, STUDIO_LIMITS["n"], 8)
-        seed = field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0)
-        _, steps = sampler_of(self.model)
-        steps = field(request, "steps", int, 1, STUDIO_LIMITS["steps"], steps)
-        marks = landmarks_field(request) if self.landmarks else None
-        guidance = field(request, "guidance", float, 0.0, STUDIO_LIMITS["guidance"], guidance_of(self.model)) \
-            if self.landmarks else 1.0
-        size = self.model.config["image_size"]
-        noise = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        return noise, marks, steps, guidance
-
-    def run(self, work):
-        """`work()` with the model to itself; returns its result and the seconds it took."""
-        if not self.lock.acquire(timeout=STUDIO_LIMITS["wait_seconds"]):
-            raise ApiError(503, "busy: other requests are using the model; try again")
-        try:
-            tic = time.perf_counter()
-            result = work()
-            return result, time.perf_counter() - tic
-        finally:
-            self.lock.release()
-
-    def sample(self, noise, marks, steps, guidance):
-        return sample(self.model, len(noise), steps=steps, x=noise.to(model_device(self.model)), landmarks=marks,
-                      guidance=guidance, progress=False).cpu()
-
-    def generate(self, request):
-        noise, marks, steps, guidance = self.cats(request)
-        images, seconds = self.run(lambda: self.sample(noise, marks, steps, guidance))
-        return dict(images=png_data_urls(to_unit(images)), seconds=seconds, steps=steps)
-
-    def one_cat(self, request, key):
-        """Cat `index` of the generate request `request[key]` (its noise, landmarks, settings)."""
-        cat = request.get(key)
-        if not isinstance(cat, dict):
-            raise ApiError(400, f"{key} must be the generate request of a cat, with its index")
-        noise, marks, steps, guidance = self.cats(cat)
-        index = field(cat, "index", int, 0, len(noise) - 1)
-        return noise[index:index + 1], marks, steps, guidance
-
-    def inpaint(self, request):
-        """`versions` of a generated cat with its eyes, ears or mouth regenerated (see `inpaint`)."""
-        noise, marks, steps, guidance = self.one_cat(request, "cat")
-        region = request.get("region")
-        if region not in ("eyes", "ears", "mouth"):
-            raise ApiError(400, f"region must be eyes, ears or mouth, got {region!r}")
-        versions = field(request, "versions", int, 1, STUDIO_LIMITS["versions"], 4)
-        inpaint_steps = field(request, "inpaint_steps", int, 2, STUDIO_LIMITS["steps"], 25)
-        mask = region_mask(self.mean if marks is None else marks, self.model.config["image_size"], region)
-        g = torch.Generator(model_device(self.model)).manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0))
-
-        def work():
-            face = self.sample(noise, marks, steps, guidance)[0]
-            return inpaint(self.model, face, mask, versions, inpaint_steps, generator=g, landmarks=marks,
-                           progress=False).cpu()
-
-        images, seconds = self.run(work)
-        return dict(images=png_data_urls(to_unit(images)), seconds=seconds)
-
-    def interpolate(self, request):
-        """`frames` cats between two generated ones: their noises slerped, their landmarks lerped."""
-        (noise_a, marks_a, steps, guidance), (noise_b, marks_b, _, _) = (self.one_cat(request, k) for k in "ab")
-        frames = field(request, "frames", int, 2, STUDIO_LIMITS["frames"], 8)
-        w = torch.linspace(0, 1, frames)
-        noise = torch.cat([slerp(noise_a, noise_b, float(wi)) for wi in w])
-        marks = None if marks_a is None or marks_b is None else torch.lerp(marks_a, marks_b, w[:, None, None])
-        images, seconds = self.run(lambda: self.sample(noise, marks, steps, guidance))
-        return dict(images=png_data_urls(to_unit(images)), seconds=seconds)
-
-
-class StudioHandler(http.server.BaseHTTPRequestHandler):
-    """GET / (the page), GET /api/info, POST /api/{layout,generate,inpaint,interpolate} with JSON
-    bodies; every answer is JSON (or the page), errors included: 400 bad request, 404, 411/413
-    body missing or over STUDIO_LIMITS["body_bytes"], 503 busy, 500 a failure (the server stays up)."""
-
-    studio = None  # set by `serve`
-    server_version = "cat_diffusion"
-
-    def send(self, status, body, kind="application/json"):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path in ("/", "/index.html"):
-            self.send(200, STUDIO_PAGE.encode(), "text/html; charset=utf-8")
-        elif self.path == "/api/info":
-            self.send(200, self.studio.info())
-        else:
-            self.send(404, {"error": f"no such page: {self.path}"})
-
-    def do_POST(self):
-        routes = {"/api/layout": self.studio.layout, "/api/generate": self.studio.generate,
-                  "/api/inpaint": self.studio.inpaint, "/api/interpolate": self.studio.interpolate}
-        try:
-            if self.path not in routes:
-                raise ApiError(404, f"no such endpoint: {self.path}")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise ApiError(411, "a JSON body with a Content-Length is needed")
-            if int(length) > STUDIO_LIMITS["body_bytes"]:
-                self.close_connection = True  # the unread body must not be taken for the next request
-                raise ApiError(413, f"the body is {length} bytes; the limit is {STUDIO_LIMITS['body_bytes']}")
-            try:
-                request = json.loads(self.rfile.read(int(length)))
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "the body is not valid JSON") from None
-            if not isinstance(request, dict):
-                raise ApiError(400, "the body must be a JSON object")
-            self.send(200, routes[self.path](request))
-        except ApiError as e:
-            self.send(e.status, {"error": str(e)})
-        except Exception as e:  # a failed request is answered and logged; the server goes on
-            traceback.print_exc()
-            self.send(500, {"error": f"{type(e).__name__}: {e}"})
-
-    def log_message(self, format, *args):
-        print(f"{self.address_string()} {format % args}", file=sys.stderr)
-
-
-def serve(model, layouts=None, host="127.0.0.1", port=8000):
-    """The studio's server (not yet serving: call `serve_forever()`; port 0 picks a free one)."""
-    handler = type("Handler", (StudioHandler,), {"studio": Studio(model.eval(), layouts)})
-    return http.server.ThreadingHTTPServer((host, port), handler)
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -2472,7 +1852,7 @@ def fraction(text):
 
 
 def region_arg(text):
-    if text in ("eyes", "ears", "mouth"):
+    if text in REGIONS:
         return text
     try:
         x0, y0, x1, y1 = (float(v) for v in text.removeprefix("box:").split(","))
@@ -2480,7 +1860,7 @@ def region_arg(text):
             return text
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"must be eyes, ears, mouth or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
+    raise argparse.ArgumentTypeError(f"must be {', '.join(REGIONS)} or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
 
 
 def seed_arg(text):
@@ -2508,12 +1888,6 @@ def name_arg(text):
     if Path(text).name in ("", ".", "..") or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"must name a file, got {text!r}")
     return text
-
-
-def port_arg(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
-    return int(text)
 
 
 def existing_file(text):
@@ -2757,101 +2131,13 @@ def run_inpaint(args):
     print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
 
 
-def run_serve(args):
-    model = load_diffusion_model(args.model, args.device)
-    try:
-        server = serve(model, stored_layouts(args.model), args.host, args.port)
-    except OSError as e:
-        raise SystemExit(f"error: --host {args.host} --port {args.port}: {e.strerror or e}") from None
-    host, port = server.server_address[:2]
-    print(f"cat studio for {args.model} at http://{host}:{port}/ (Ctrl-C stops it)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped")
-    finally:
-        server.server_close()
-
-
-def write_json(path, result):
-    atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-
-
-def run_eval(args):
-    if args.json:
-        claim_outputs([args.json], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
-    size = model.config["image_size"]
-    train_set = CatDataset(args.data, size, split="train", quiet=True)
-    val_set = CatDataset(args.data, size, split="val", quiet=True)
-    if len(val_set) == 0 or len(train_set) < min(args.n, len(val_set)):
-        raise SystemExit(f"error: {args.data}: {len(val_set)} validation and {len(train_set)} training faces; "
-                         f"eval needs validation faces and at least as many training faces")
-    r = evaluate(model, train_set.faces, val_set.faces, args.n, args.sampler, args.steps, args.seed)
-    levels = [f"{size >> i}px" for i in range(len(r["swd"]) - 1)] + ["low-pass"]
-    print(f"{args.model}: {r['n']} samples, {r['sampler']} {r['steps']} steps, against {r['m']} "
-          f"validation faces of {args.data}")
-    print(f"{'SWD x 1e3':<22}" + "".join(f"{lv:>10}" for lv in levels) + f"{'mean':>10}")
-    print(f"{'  samples vs real':<22}" + "".join(f"{v:10.2f}" for v in r["swd"]) + f"{r['swd_mean']:10.2f}")
-    print(f"{'  real vs real (floor)':<22}" + "".join(f"{v:10.2f}" for v in r["floor"]) + f"{r['floor_mean']:10.2f}")
-    print(f"SWD / floor: {r['swd_mean'] / r['floor_mean']:.2f}    memorisation ratio (nearest training "
-          f"face, samples / held-out real; well below 1 = copying): {r['memorisation']:.3f}")
-    if args.landmark_net:
-        if not model.config["landmarks"]:
-            raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
-        net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
-        r["landmarks"] = lm = evaluate_landmarks(model, net, val_set.faces, val_set.landmarks, args.n, args.sampler,
-                                                 args.steps, guidance_of(model, args.guidance), args.seed)
-        print(f"landmark error (mean px at {size}px, {lm['n']} faces, {args.landmark_net}): real faces "
-              f"{lm['real']:.2f}; samples conditioned on them (guidance {lm['guidance']}) {lm['conditioned']:.2f} "
-              f"({lm['conditioned'] / lm['real']:.2f}x real); unconditional samples {lm['unconditional']:.2f}; "
-              f"SWD of the conditioned samples {lm['swd_conditioned']:.2f}")
-    if args.json:
-        write_json(args.json, dict(r, model=str(args.model), data=str(args.data)))
-
-
-def run_fit_landmarks(args):
-    claim_outputs([model_path(args.name)], args.overwrite, hint="pass --overwrite to replace it, or another --name")
-    torch.manual_seed(args.seed)
-    train_set = CatDataset(args.data, args.image_size, split="train", quiet=True)
-    val_set = CatDataset(args.data, args.image_size, split="val", quiet=True)
-    if len(val_set) == 0:
-        raise SystemExit(f"error: {args.data} has too few photo ids to hold some out for validation")
-    net = LandmarkNet(args.image_size)
-    errors = fit_landmarks(net, train_set, val_set, args.epochs, seed=args.seed, device=args.device)
-    path = save_model(net, args.name)
-    print(f"saved {path}: mean landmark error on {len(val_set)} validation faces {errors[-1]:.2f} px "
-          f"at {args.image_size}px (per epoch: {', '.join(f'{e:.2f}' for e in errors)})")
-
-
-def run_bench(args):
-    if args.json:
-        claim_outputs([args.json], args.overwrite)
-    torch.manual_seed(args.seed)
-    model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
-    r = benchmark(model, args.batch_size or TrainConfig.batch_size, pick_device(args.device), args.precision,
-                  compile=args.compile)
-    rows = [("device / precision", f"{r['device']} ({r['threads']} threads) / {r['precision']}, torch {r['torch']}"),
-            ("model", f"{r['parameters'] / 1e6:.2f} M parameters, {args.image_size}px, width {args.width}, "
-                      f"blocks {args.blocks}, batch {r['batch_size']}"),
-            ("training", f"{r['train_images_per_s']:.1f} images/s" + (" (torch.compile)" if args.compile else "")),
-            *((f"sampling, {k} steps", f"{v:.2f} images/s") for k, v in r["sample_images_per_s"].items()),
-            ("cached data loader", f"{r['loader_images_per_s']:.0f} images/s "
-                                   f"({r['loader_images_per_s'] / r['train_images_per_s']:.0f}x training)"),
-            ("FLOPs per training image", f"{r['gflops_per_train_image']:.2f} GFLOP (forward + backward)"),
-            ("achieved", f"{r['achieved_tflops']:.3f} TFLOP/s"),
-            ("measured matmul peak", f"bf16 {r['peak_tflops']['bf16']:.2f}, fp32 {r['peak_tflops']['fp32']:.2f} TFLOP/s"),
-            ("model FLOP utilisation", f"{100 * r['utilisation']:.1f}% of the {r['precision']} peak"),
-            ("peak RSS", f"{r['peak_rss_mb']:.0f} MB")]
-    for name, value in rows:
-        print(f"{name:<28} {value}")
-    if args.json:
-        write_json(args.json, r)
-
-
-COMMANDS = {"train": run_train, "distill": run_distill, "sample": run_sample, "eval": run_eval,
-            "reconstruct": run_reconstruct, "interpolate": run_interpolate, "inpaint": run_inpaint,
-            "fit-landmarks": run_fit_landmarks, "bench": run_bench, "serve": run_serve}
+COMMANDS = {"train": run_train, "distill": run_distill, "sample": run_sample, "reconstruct": run_reconstruct,
+            "interpolate": run_interpolate, "inpaint": run_inpaint}
+# Commands of the satellites beside this file, which consume a trained model: (module, description).
+SATELLITES = {"eval": ("cat_eval", "measure sample quality against held-out faces"),
+              "fit-landmarks": ("cat_eval", "train the landmark net that eval uses to check landmark-guided samples"),
+              "bench": ("cat_eval", "measure training and sampling speed"),
+              "serve": ("cat_studio", "a local web page to pose the landmarks, generate, inpaint and interpolate")}
 
 class Parser(argparse.ArgumentParser):
     """argparse with each error on one line: what is wrong, and where the options are listed;
@@ -2871,7 +2157,9 @@ def shared_options():
     """Options that several commands take, each written once (argparse parent parsers), with the
     defaults of the code they feed."""
     model, cfg = defaults_of(DiffusionModel), TrainConfig
-    common, size, width, batch, checkpoints, model_file, sampling, json_out = (Parser(add_help=False) for _ in range(8))
+    groups = {g: Parser(add_help=False) for g in ("common", "size", "width", "batch", "checkpoints", "model_file",
+                                                  "sampling", "json_out")}
+    common, size, width, batch, checkpoints, model_file, sampling, json_out = groups.values()
     common.add_argument("--device", type=device_arg, default=cfg.device,
                         help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
@@ -2901,18 +2189,20 @@ def shared_options():
     checkpoints.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
                              help="steps between checkpoints (one is also written after an epoch that ends a minute "
                                   "or more after the last)")
-    return common, size, width, batch, checkpoints, model_file, sampling, json_out
+    return groups
 
 
-def build_parser(resumed=None, error=None):
-    """The command line; `resumed`, (command, a checkpoint's settings), become that command's defaults;
-    `error(message)` makes the exception a bad option raises (default: exit with the message)."""
+def build_parser(wanted=None, resumed=None, error=None):
+    """The command line, with the options of command `wanted` (a satellite's are added only for it);
+    `resumed`, (command, a checkpoint's settings), become that command's defaults; `error(message)`
+    makes the exception a bad option raises (default: exit with the message)."""
     parser = Parser(prog="cat_diffusion.py", description="Train a diffusion model on cat faces and sample "
                     "from it. With no command, `train` runs.", raise_error=error)
     parser.commands = {}
-    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    common, size, width, batch, checkpoints, model_file, sampling, json_out = shared_options()
-    cfg, fit = TrainConfig, defaults_of(fit_landmarks)
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join([*COMMANDS, *SATELLITES]) + "}")
+    groups = shared_options()
+    common, size, width, batch, checkpoints, model_file, sampling, json_out = groups.values()
+    cfg = TrainConfig
 
     def command(name, description, *parents):
         parser.commands[name] = commands.add_parser(name, help=description, description=description, parents=[*parents, common],
@@ -2973,12 +2263,6 @@ def build_parser(resumed=None, error=None):
                              "(a model trained with --landmarks)")
     layout.add_argument("--like", type=existing_file, metavar="PHOTO",
                         help="cats with the face layout of PHOTO (its .cat file beside it)")
-    ev = command("eval", "measure sample quality against held-out faces", model_file, sampling, json_out)
-    ev.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
-    ev.add_argument("-n", type=positive_int, default=defaults_of(evaluate)["n"], help="number of samples")
-    ev.add_argument("--landmark-net", type=existing_file, default=None, metavar="PATH",
-                    help="with a landmark model: also measure how well samples follow their landmarks, "
-                         "with this net from fit-landmarks")
     rc = command("reconstruct", "noise a real face and denoise it (SDEdit), or invert it", model_file)
     rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
     rc.add_argument("--strength", type=fraction, default=0.5, help="how far to noise: 0 none, 1 pure noise")
@@ -2990,25 +2274,22 @@ def build_parser(resumed=None, error=None):
     inp = command("inpaint", "regenerate a region of a real face, keeping the rest exactly", model_file)
     inp.add_argument("photo", type=existing_file, help="a photo with its .cat file")
     inp.add_argument("--region", required=True, type=region_arg, metavar="REGION",
-                     help="eyes, ears, mouth, or box:x0,y0,x1,y1 in the aligned face's pixels")
+                     help=f"{', '.join(REGIONS)}, or box:x0,y0,x1,y1 in the aligned face's pixels")
     inp.add_argument("-n", type=positive_int, default=8, help="number of versions")
     for p in (rc, ip):
         p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps: more invert more exactly "
                        "(on the cat faces 50 give 21-26 dB, 100 give 27-32 dB)")
     inp.add_argument("--steps", type=positive_int, default=defaults_of(inpaint)["steps"], help="DDPM steps")
-    fl = command("fit-landmarks", "train the landmark net that eval uses to check landmark-guided samples", size)
-    fl.add_argument("--data", type=existing_dir, default=Path("data"), help="CAT-format folder")
-    fl.add_argument("--epochs", type=positive_int, default=fit["epochs"], help="passes over the training faces")
-    fl.add_argument("--name", type=name_arg, default="LandmarkNet", help="the weights go to NAME.pth")
-    sv = command("serve", "a local web page to pose the landmarks, generate, inpaint and interpolate", model_file)
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (the default: this computer only)")
-    sv.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
-    be = command("bench", "measure training and sampling speed", size, width, batch, json_out)
-    be.add_argument("--compile", action="store_true", help="time training through torch.compile")
     for p, folder in ((tr, "outputs"), (di, "outputs/distill"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
                       (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
         p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
                        + (" and checkpoints" if p in (tr, di) else ""))
+    for name, (module, description) in SATELLITES.items():  # imported only to parse their own command
+        if name == wanted:
+            satellite = importlib.import_module(module)
+            satellite.add_arguments(name, command(name, description, *(groups[g] for g in satellite.OPTIONS[name])))
+        else:
+            command(name, description)
     if resumed:
         {"train": tr, "distill": di}[resumed[0]].set_defaults(**resumed[1])
     return parser
@@ -3034,9 +2315,9 @@ def parse_args(argv):
     as their defaults (with OUT its folder), so that only what changes needs saying; the settings
     are parsed as options, so a crafted checkpoint gets the same checks as a typed command line."""
     argv = list(argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, *SATELLITES, "-h", "--help"):
         argv.insert(0, "train")
-    parser = build_parser()
+    parser = build_parser(argv[0])
     args = parser.parse_args(argv)
     args.run_settings, args.run_outputs = None, {}
     if args.command in ("train", "distill") and args.resume is not None:
@@ -3051,12 +2332,12 @@ def parse_args(argv):
         if ("teacher" in saved) != (args.command == "distill"):
             other = "distill" if "teacher" in saved else "train"
             raise CheckpointError(f"{resume}: a checkpoint of a {other} run: resume it with {other} --resume")
-        checker = build_parser(error=lambda message: CheckpointError(f"{resume}: saved setting {message}"))
+        checker = build_parser(args.command, error=lambda message: CheckpointError(f"{resume}: saved setting {message}"))
         folder = resume.parent.resolve()
         saved = {k: str(folder / v) if k in ("data", "name", "model") and isinstance(v, str) else v
                  for k, v in saved.items()}
         defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
-        parser = build_parser((args.command, {**defaults, "out": resume.parent}))
+        parser = build_parser(args.command, (args.command, {**defaults, "out": resume.parent}))
         args = parser.parse_args(argv)
         args.resume, args.run_settings = resume, saved
         args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()}, str(resume.resolve()): file_digest(resume)}
@@ -3083,7 +2364,8 @@ def main(argv=None):
         start_distributed(args)
     where = f"rank {dist.get_rank()} of {dist.get_world_size()}: " if distributed else ""
     try:
-        COMMANDS[args.command](args)
+        run = COMMANDS.get(args.command) or importlib.import_module(SATELLITES[args.command][0]).COMMANDS[args.command]
+        run(args)
     except (CheckpointError, TrainingError, BadItem, Refused) as e:
         raise SystemExit(f"error: {where}{e}") from None
     except OSError as e:  # a full disk, a read-only folder: say so in one line, naming the file
@@ -3100,4 +2382,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cat_diffusion  # this file again as a module, the one the satellites import: one copy of each class
+    cat_diffusion.main()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
+import cat_eval as ce
 from helpers import TinyFaces, assert_same_weights, gaussian_oracle, tiny_model
 
 TINY = ["--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--epochs", "1"]
@@ -170,7 +171,7 @@ def test_distill_trains_with_its_own_settings_not_trains(photos, tmp_path, monke
 
 
 def test_distill_refuses_a_teacher_of_the_wrong_kind_in_one_line(distilled, photos, tmp_path, capsys):
-    cd.save_model(cd.LandmarkNet(16, width=4), tmp_path / "L")
+    cd.save_model(ce.LandmarkNet(16, width=4), tmp_path / "L")
     cases = [(["--model", str(tmp_path / "L.pth")], "holds a LandmarkNet, not a DiffusionModel"),
              (["--model", str(distilled / "S.pth"), "--steps", "4"],
               "S.pth: samples in 2 steps, so it distils into 1 steps, not 4")]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
+import cat_eval as ce
 
 
 def smooth_images(n, size=32, seed=0):
@@ -16,7 +17,7 @@ def smooth_images(n, size=32, seed=0):
 
 def test_laplacian_pyramid_reconstructs_the_image_exactly():
     x = smooth_images(4) + 0.1 * torch.randn(4, 3, 32, 32)
-    levels = cd.laplacian_pyramid(x, 3)
+    levels = ce.laplacian_pyramid(x, 3)
     assert [lv.shape[-1] for lv in levels] == [32, 16, 8]
     k = torch.tensor([1.0, 4, 6, 4, 1])
     kernel = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5)
@@ -30,15 +31,15 @@ def test_laplacian_pyramid_reconstructs_the_image_exactly():
 def test_swd_is_smaller_between_samples_of_one_distribution_than_against_another():
     a, b = smooth_images(64, seed=1), smooth_images(64, seed=2)
     noise = torch.rand(64, 3, 32, 32) * 2 - 1
-    same, different = cd.swd(a, b), cd.swd(a, noise)
+    same, different = ce.swd(a, b), ce.swd(a, noise)
     assert len(same) == 2  # 32 px: one band-pass level and the low-pass
     assert different[0] > 4 * same[0] and different[1] > 1.5 * same[1]
 
 
 def test_nearest_distance_is_zero_for_copies_and_memorisation_shows():
     train = smooth_images(20, seed=3)
-    assert cd.nearest_distance(train[:5], train) < 1e-4
-    assert cd.nearest_distance(smooth_images(5, seed=4), train) > 0.1
+    assert ce.nearest_distance(train[:5], train) < 1e-4
+    assert ce.nearest_distance(smooth_images(5, seed=4), train) > 0.1
 
 
 def test_eval_command_prints_and_writes_finite_metrics(tmp_path, capsys):

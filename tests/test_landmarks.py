@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import cat_diffusion as cd
+import cat_eval as ce
 from helpers import GaussianOracle, gaussian_oracle, run_main
 
 
@@ -215,12 +216,12 @@ def test_landmark_net_learns_to_find_landmarks(tmp_path):
     train, val = (shifted(cd.CatDataset(photos, 32, split=s, val_percent=20, quiet=True), seed)
                   for seed, s in enumerate(("train", "val")))
     torch.manual_seed(0)
-    net = cd.LandmarkNet(32, width=8)
-    errors = cd.fit_landmarks(net, train, val, epochs=30, batch_size=8, device="cpu")
+    net = ce.LandmarkNet(32, width=8)
+    errors = ce.fit_landmarks(net, train, val, epochs=30, batch_size=8, device="cpu")
     guess = 32 * (val.landmarks - train.landmarks.mean(0)).norm(dim=-1).mean().item()  # the mean layout, in px
     assert errors[-1] < 0.7 * guess and errors[-1] < 0.3 * errors[0], (guess, errors)
     path = cd.save_model(net, tmp_path / "net")
-    assert isinstance(cd.load_model(None, path), cd.LandmarkNet)
+    assert isinstance(cd.load_model(ce.LandmarkNet, path), ce.LandmarkNet)
     with pytest.raises(cd.CheckpointError, match="holds a LandmarkNet"):
         cd.load_model(cd.DiffusionModel(32, 8), path)
 

@@ -1,7 +1,9 @@
 """The documentation against the code: every `python cat_diffusion.py COMMAND --option` that
 README.md (and data/README.md, tests/benchmarks/RESULTS.md) shows in a ```bash or ```text block
 must name a real command and options that its `--help` lists; the README keeps the design card's
-REPL lines; relative links point at files that exist.
+REPL lines; relative links point at files that exist. The README stays short (at most 200 lines)
+and quotes its figures once, in its Results table, whose every row is a row of RESULTS.md's
+`## Current figures` table with the same label and numbers (so the two cannot drift apart).
 
 Only `--help` runs, for all commands in one subprocess (importing torch once instead of eight
 times: 4 s instead of about 20 on two cores), so this takes a few seconds."""
@@ -18,7 +20,9 @@ import cat_diffusion as cd
 from helpers import ROOT
 
 DOCS = ("README.md", "data/README.md", "tests/benchmarks/RESULTS.md")
-COMMANDS = tuple(cd.COMMANDS)  # train, sample, eval, ...
+# train, sample, eval, ...: the keys of cd.COMMANDS, and of cd.SATELLITES where the commands of
+# cat_studio.py and cat_eval.py are listed apart
+COMMANDS = tuple(dict.fromkeys([*cd.COMMANDS, *getattr(cd, "SATELLITES", {})]))
 DESIGN_CARD = ("from cat_diffusion import DiffusionModel, load_model",
                'loaded_model = load_model(DiffusionModel(), "DiffusionModel")')
 FENCE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
@@ -189,3 +193,77 @@ def test_relative_links_and_pictures_exist(doc):
     missing = [t for t in targets if not re.match(r"[a-z]+:|#", t)
                and not ((ROOT / doc).parent / t.split("#")[0]).exists()]
     assert not missing, f"{doc} links to missing files: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's length and its Results table against RESULTS.md's Current figures
+# ----------------------------------------------------------------------------------------------
+
+README_MAX_LINES = 200
+NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")  # 25.1, 1.60 (of 1.60x), 10,065, 100 (of H100)
+# A quoted figure: a ratio such as 1.60x, a speed in images/s, an SWD value.
+FIGURE = re.compile(r"\b\d+(?:\.\d+)?x\b|\d[\d,.]* images/s|SWD (?:x 1e3 )?\d")
+
+
+def section(text, heading):
+    """The text under the `## heading` line up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(heading)}[ \t]*\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"no '## {heading}' section"
+    return match.group(1)
+
+
+def first_table(text):
+    """(the table's lines, its body rows as lists of cells) of the first Markdown table in `text`."""
+    lines = FENCE.sub("", text).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("|")), None)
+    assert start is not None, "no table"
+    end = next((i for i in range(start, len(lines)) if not lines[i].lstrip().startswith("|")), len(lines))
+    table = lines[start:end]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table[2:]]
+    return table, rows
+
+
+def label(cell):
+    return re.sub(r"[`*]", "", cell).strip()
+
+
+def test_section_and_table_parsers_on_made_up_text():
+    text = "## A\nx\n\n| h | v |\n| --- | --- |\n| **one** | 1.60x, 10,065 images/s |\n| `two` | 2 |\n\nafter\n## B\n| b |\n"
+    table, rows = first_table(section(text, "A"))
+    assert len(table) == 4 and rows == [["**one**", "1.60x, 10,065 images/s"], ["`two`", "2"]]
+    assert [label(r[0]) for r in rows] == ["one", "two"]
+    assert NUMBER.findall(rows[0][1]) == ["1.60", "10,065"]
+    assert FIGURE.findall("1.60x the floor, 64x64, 91.4 images/s, SWD 25.1") == ["1.60x", "91.4 images/s", "SWD 2"]
+
+
+def test_readme_is_at_most_200_lines():
+    lines = doc_text("README.md").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it to {README_MAX_LINES}"
+
+
+def test_readme_results_rows_are_current_figures_rows_of_results_md():
+    _, readme_rows = first_table(section(doc_text("README.md"), "Results"))
+    _, current_rows = first_table(section(doc_text("tests/benchmarks/RESULTS.md"), "Current figures"))
+    assert len(readme_rows) >= 5, "the README's Results table has too few rows to be the one meant"
+    current = {label(row[0]): row for row in current_rows}
+    problems = []
+    for row in readme_rows:
+        name = label(row[0])
+        if name not in current:
+            problems.append(f"'{name}': no row with that label under RESULTS.md's '## Current figures'")
+            continue
+        theirs = set(NUMBER.findall(" ".join(current[name])))
+        missing = [n for n in NUMBER.findall(" ".join(row)) if n not in theirs]
+        if missing:
+            problems.append(f"'{name}': RESULTS.md's row lacks {missing}")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_quotes_figures_only_in_its_results_table():
+    """A figure written twice drifts into two values: outside the Results table the README points
+    there instead of quoting (ratios to the floor, images/s, SWD values)."""
+    text = FENCE.sub("", doc_text("README.md"))
+    table, _ = first_table(section(text, "Results"))
+    outside = text.replace("\n".join(table), "")
+    quoted = [line.strip() for line in outside.splitlines() if FIGURE.search(line)]
+    assert not quoted, "figures outside the README's Results table:\n" + "\n".join(quoted)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
+import cat_eval as ce
 from helpers import ROOT, png_header
 
 TINY = ["--epochs", "4", "--image-size", "16", "--width", "8", "--batch-size", "4",
@@ -261,7 +262,7 @@ def guarded(decode):
 
 def test_json_results_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
-    cd.write_json(path, {"a": 1})
+    ce.write_json(path, {"a": 1})
     assert path.read_text() == '{\n  "a": 1\n}'
 
     def no_space(fd):
@@ -269,5 +270,5 @@ def test_json_results_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cd.os, "fsync", no_space)
     with pytest.raises(OSError, match="r.json is unchanged"):
-        cd.write_json(path, {"a": 2})
+        ce.write_json(path, {"a": 2})
     assert path.read_text() == '{\n  "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -102,7 +102,9 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("config,problem", [
-    ({"base_channels": 4096}, "describe a model of"),  # building it would take 23 GB
+    ({"base_channels": 512}, "describe a model of"),  # within the limits, but not in a weightless file
+    ({"base_channels": 4096}, "base_channels=4096 is not valid"),  # building it would take 23 GB
+    ({"image_size": 1024, "attention_below": 1024}, "image_size=1024 is not valid"),  # hours a sample
     ({"image_size": 7}, "image_size=7 is not valid"),
     ({"image_size": 12}, "do not describe a model"),
     ({"image_size": "64"}, "image_size='64' is not valid"),

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import cat_diffusion as cd
+import cat_studio as cs
 from helpers import tiny_model
 
 
@@ -32,7 +33,7 @@ def layouts():
 
 @pytest.fixture(scope="module")
 def url(layouts):
-    server = cd.serve(studio_model(), layouts, port=0)
+    server = cs.serve(studio_model(), layouts, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -140,15 +141,15 @@ def test_malformed_missing_and_oversized_bodies_are_refused(url):
     assert call(url, "/api/generate", raw=b"{not json")[0] == 400
     assert call(url, "/api/generate", raw=b"[1, 2]")[1]["error"] == "the body must be a JSON object"
     assert call(url, "/api/generate", raw=b"\xff\xfe")[0] == 400
-    status, answer = call(url, "/api/generate", raw=b" " * (cd.STUDIO_LIMITS["body_bytes"] + 1))
-    assert status == 413 and str(cd.STUDIO_LIMITS["body_bytes"]) in answer["error"]
+    status, answer = call(url, "/api/generate", raw=b" " * (cs.STUDIO_LIMITS["body_bytes"] + 1))
+    assert status == 413 and str(cs.STUDIO_LIMITS["body_bytes"]) in answer["error"]
     assert call(url, "/nowhere")[0] == 404
     assert call(url, "/api/info")[0] == 200  # still up
 
 
 def test_concurrent_requests_are_all_answered_one_model_call_at_a_time(url, monkeypatch):
     inside, most, results = [0], [0], []
-    real = cd.Studio.sample
+    real = cs.Studio.sample
 
     def counted(self, *args):
         inside[0] += 1
@@ -158,7 +159,7 @@ def test_concurrent_requests_are_all_answered_one_model_call_at_a_time(url, monk
         finally:
             inside[0] -= 1
 
-    monkeypatch.setattr(cd.Studio, "sample", counted)
+    monkeypatch.setattr(cs.Studio, "sample", counted)
     threads = [threading.Thread(target=lambda s=s: results.append(call(url, "/api/generate", dict(CAT, seed=s))))
                for s in range(8)]
     for t in threads:
@@ -172,7 +173,7 @@ def test_a_failing_request_is_answered_and_the_server_stays_up(url, monkeypatch)
     def broken(self, *args):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(cd.Studio, "sample", broken)
+    monkeypatch.setattr(cs.Studio, "sample", broken)
     status, answer = call(url, "/api/generate", CAT)
     assert status == 500 and answer["error"] == "RuntimeError: out of memory"
     monkeypatch.undo()
@@ -180,16 +181,16 @@ def test_a_failing_request_is_answered_and_the_server_stays_up(url, monkeypatch)
 
 
 def test_a_busy_model_answers_503_after_the_wait(url, monkeypatch):
-    monkeypatch.setitem(cd.STUDIO_LIMITS, "wait_seconds", 0.1)
-    studio = cd.Studio(studio_model())
+    monkeypatch.setitem(cs.STUDIO_LIMITS, "wait_seconds", 0.1)
+    studio = cs.Studio(studio_model())
     with studio.lock:
-        with pytest.raises(cd.ApiError) as e:
+        with pytest.raises(cs.ApiError) as e:
             studio.generate(CAT)
     assert e.value.status == 503
 
 
 def test_a_model_without_landmarks_samples_unconditionally_and_hides_the_editor():
-    studio = cd.Studio(studio_model(landmarks=False))
+    studio = cs.Studio(studio_model(landmarks=False))
     assert studio.info()["landmarks"] is False and studio.info()["random_layout"] is False
     images = decode(studio.generate(dict(CAT, landmarks=[[9, 9]] * 9))["images"])  # landmarks are not read
     assert images.shape == (4, 3, 16, 16)
@@ -206,7 +207,7 @@ def test_training_with_landmarks_stores_layouts_that_serve_reads(tmp_path, photo
 
 def test_serve_on_a_taken_port_fails_in_one_line(tmp_path):
     cd.save_model(studio_model(), tmp_path / "M")
-    server = cd.serve(studio_model(), port=0)
+    server = cs.serve(studio_model(), port=0)
     try:
         with pytest.raises(SystemExit) as e:
             cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", str(server.server_address[1])])
@@ -221,7 +222,7 @@ def test_ctrl_c_stops_serve_cleanly(tmp_path, monkeypatch, capsys):
     def interrupted(self, poll_interval=0.5):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cd.http.server.ThreadingHTTPServer, "serve_forever", interrupted)
+    monkeypatch.setattr(cs.http.server.ThreadingHTTPServer, "serve_forever", interrupted)
     cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", "0"])
     out = capsys.readouterr().out
     assert "cat studio for" in out and "http://127.0.0.1:" in out and out.rstrip().endswith("stopped")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
+import cat_studio as cs
 from helpers import tiny_model
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
@@ -34,7 +35,7 @@ def browser():
 def test_the_page_drags_a_landmark_and_generates_n_cats(browser, tmp_path):
     model = tiny_model(landmarks=True)
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)
-    server = cd.serve(model, port=0)
+    server = cs.serve(model, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")

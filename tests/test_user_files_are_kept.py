@@ -234,7 +234,7 @@ CASES = [
      lambda t, r, p: ["eval", "--model", str(r / "M.pth"), "--data", train_only_photos(p, t / "few")],
      "0 validation"),
     ("model file describing a huge model",
-     lambda t, r, p: ["sample", "--model", hostile_model(t / "huge.pth", {"base_channels": 4096})],
+     lambda t, r, p: ["sample", "--model", hostile_model(t / "huge.pth", {"base_channels": 512})],
      "huge.pth: its settings describe a model of"),
     ("model file with a string size",
      lambda t, r, p: ["sample", "--model", hostile_model(t / "s.pth", {"image_size": "64"})], "s.pth: model setting"),
@@ -295,9 +295,9 @@ def test_an_os_error_names_its_file(monkeypatch, tmp_path):
     def no_permission(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "locked.png"))
 
-    monkeypatch.setitem(cd.COMMANDS, "bench", no_permission)
+    monkeypatch.setitem(cd.COMMANDS, "sample", no_permission)
     with pytest.raises(SystemExit, match=f"error: {tmp_path / 'locked.png'}: Permission denied"):
-        cd.main(["bench"])
+        cd.main(["sample"])
 
 
 def test_odd_widths_build_a_working_model():

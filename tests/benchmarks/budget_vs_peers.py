@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
+import cat_eval as ce  # noqa: E402
 
 
 def batches(data, batch):
@@ -186,9 +187,9 @@ def main():
             print(f"{name}: {minutes:g} minutes", file=sys.stderr)
             out = args.json.parent / f"budget-{name}-{minutes:g}min"
             info, samples = CONTENDERS[name](train_set, minutes, args.n, out)
-            quality = cd.sample_quality(samples.float().cpu(), train_set.faces, val_set.faces)
+            quality = ce.sample_quality(samples.float().cpu(), train_set.faces, val_set.faces)
             rows.append(dict(contender=name, minutes=minutes, **info, **quality))
-            cd.write_json(args.json, rows)  # after every run: the table can be made in parts
+            ce.write_json(args.json, rows)  # after every run: the table can be made in parts
     print(f"{'contender':<26}{'min':>5}{'params':>9}{'steps':>8}{'SWD':>8}{'/floor':>8}{'memo':>7}{'sample s':>10}")
     for r in sorted(rows, key=lambda r: (r["minutes"], r["swd_mean"])):
         print(f"{r['contender']:<26}{r['minutes']:>5g}{r['params'] / 1e6:>8.2f}M{r['steps']:>8}{r['swd_mean']:>8.1f}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
+import cat_eval as ce  # noqa: E402
 
 GRID = [("ddpm", 1000), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 15), ("dpm++", 20), ("dpm++", 25)]
 
@@ -33,7 +34,7 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for sampler, steps in GRID:
         tic = time.perf_counter()
-        r = cd.evaluate(model, train, val, args.n, sampler, steps, args.seed)
+        r = ce.evaluate(model, train, val, args.n, sampler, steps, args.seed)
         print(f"| {sampler} | {steps} | {r['swd_mean']:.2f} | {r['swd_mean'] / r['floor_mean']:.2f} | "
               f"{r['memorisation']:.3f} | {time.perf_counter() - tic:.0f} |", flush=True)
     print(f"\nreal-vs-real floor: {r['floor_mean']:.2f} ({r['m']} faces each)")

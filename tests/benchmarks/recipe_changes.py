@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
+import cat_eval as ce  # noqa: E402
 
 LAMBDA = cd.half_log_snr(cd.ALPHA_BAR.double())
 UNIFORM, MAKE_EMA = cd.draw_noise, cd.make_ema
@@ -100,7 +101,7 @@ def main():
         minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields), args.out)
     for label, model in [(args.change, ema)] if not profiles else \
             [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]:
-        r = cd.evaluate(model, train_set.faces, val_set.faces, 1000)
+        r = ce.evaluate(model, train_set.faces, val_set.faces, 1000)
         levels = " / ".join(f"{v:.1f}" for v in r["swd"])
         print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
               f"{r['swd_mean']:.1f} ({levels}), / floor {r['swd_mean'] / r['floor_mean']:.2f}, "
