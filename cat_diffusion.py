@@ -2286,7 +2286,12 @@ def build_parser(wanted=None, resumed=None, error=None):
                        + (" and checkpoints" if p in (tr, di) else ""))
     for name, (module, description) in SATELLITES.items():  # imported only to parse their own command
         if name == wanted:
-            satellite = importlib.import_module(module)
+            try:
+                satellite = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                parser.error(f"{name} needs {module}.py beside cat_diffusion.py")
             satellite.add_arguments(name, command(name, description, *(groups[g] for g in satellite.OPTIONS[name])))
         else:
             command(name, description)
