@@ -974,6 +974,7 @@ def warmup_cosine(step, warmup, total):
 # A run of --minutes times its steps over a twentieth of its time (after its first step, which compiles)
 # before it fixes its length: on an H100 the first 40 steps (0.9 s) planned 0.022 s a step, then it averaged 0.025.
 TIMED_SHARE = 1 / 20
+MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would never plan its steps)
 # An epoch's end writes a checkpoint only this many seconds after the last one: on an H100 an epoch of the
 # cat faces takes 0.7 s, and writing after each cut the training loop from 40 to 35.5 steps a second.
 EPOCH_CHECKPOINT_GAP = 60
@@ -1253,6 +1254,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
 # ----------------------------------------------------------------------------------------------
 
 SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "student": 4}  # name -> default number of steps (a student: its own)
+MAX_GUIDANCE = 10.0  # beyond it samples saturate; the studio's slider and API stop here too
 GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (README)
 
 
@@ -1349,6 +1351,13 @@ def sampler_of(model, sampler=None, steps=None):
     return sampler, steps or (native if sampler == "student" and native else SAMPLERS[sampler])
 
 
+def schedule(sampler, steps, device, t_start=T - 1):
+    """`time_grid`'s timesteps on `device`, alpha_bar at each, and at the next (1: the clean image)."""
+    ts = time_grid(sampler, steps, t_start).to(device)
+    alpha_bar = ALPHA_BAR.to(device)[ts]
+    return ts, alpha_bar, torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
+
+
 @torch.no_grad()
 def sample(model, n=64, sampler=None, steps=None, x=None, t_start=T - 1, generator=None,
            precision="auto", on_step=None, progress=True, landmarks=None, guidance=1.0):
@@ -1367,11 +1376,8 @@ def sample(model, n=64, sampler=None, steps=None, x=None, t_start=T - 1, generat
         x = torch.randn(n, 3, size, size, device=device, generator=generator)
     x = x.to(device, memory_format=torch.channels_last)
     landmarks = landmarks_for(model, landmarks, len(x), device)
-    ts = time_grid(sampler, steps, t_start).to(device)
-    steps = len(ts)
-    alpha_bar = ALPHA_BAR.to(device)[ts]
-    alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
-    x0_prev = h_prev = None
+    ts, alpha_bar, alpha_bar_next = schedule(sampler, steps, device, t_start)
+    steps, x0_prev, h_prev = len(ts), None, None
     for i in tqdm(range(steps), desc=f"sampling ({sampler})", unit="step", disable=not progress, leave=False):
         ab, ab_next = alpha_bar[i], alpha_bar_next[i]
         x0, eps = denoise(model, x, ts[i], ab, dtype, landmarks, guidance)
@@ -1497,8 +1503,7 @@ def invert(model, faces, steps=50, landmarks=None, precision="auto"):
     onto them."""
     device = model_device(model)
     dtype = autocast_dtype(device, precision)
-    ts = time_grid("ddim", steps).flip(0).to(device)
-    alpha_bar = ALPHA_BAR.to(device)[ts]
+    ts, alpha_bar, _ = (v.flip(0) for v in schedule("ddim", steps, device))
     x = faces.to(device, memory_format=torch.channels_last)
     landmarks = landmarks_for(model, landmarks, len(x), device)
     for i in range(len(ts) - 1):
@@ -1513,14 +1518,20 @@ def slerp(a, b, w):
     return (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)
 
 
+def morph(model, noise_a, noise_b, frames, sampler=None, steps=None, landmarks_a=None, landmarks_b=None, guidance=1.0):
+    """`frames` samples from noise a to noise b: the noises slerped, the landmarks (if both) lerped."""
+    w = torch.linspace(0, 1, frames)
+    x = torch.stack([slerp(noise_a, noise_b, float(wi)) for wi in w])
+    marks = None if landmarks_a is None or landmarks_b is None else \
+        torch.lerp(landmarks_a, landmarks_b, w[:, None, None].to(landmarks_a))
+    return sample(model, frames, sampler, steps, x=x, landmarks=marks, guidance=guidance, progress=False)
+
+
 def interpolate(model, face_a, face_b, frames=8, steps=50, landmarks_a=None, landmarks_b=None):
-    """`frames` faces from a to b: DDIM-invert both, slerp the noises (and lerp the landmarks), sample."""
+    """`frames` faces from a to b: DDIM-invert both, then `morph` between their noises with DDIM."""
     noise = invert(model, torch.stack([face_a, face_b]), steps,
                    None if landmarks_a is None else torch.stack([landmarks_a, landmarks_b]))
-    w = torch.linspace(0, 1, frames)
-    x = torch.stack([slerp(noise[0], noise[1], float(wi)) for wi in w])
-    marks = None if landmarks_a is None else torch.lerp(landmarks_a, landmarks_b, w[:, None, None].to(landmarks_a))
-    return sample(model, frames, "ddim", steps, x=x, landmarks=marks, progress=False)
+    return morph(model, noise[0], noise[1], frames, "ddim", steps, landmarks_a, landmarks_b)
 
 
 REGIONS = ("eyes", "ears", "mouth")  # the face regions that `region_mask` draws from landmarks
@@ -1557,9 +1568,7 @@ def inpaint(model, face, mask, n=8, steps=50, resample=5, generator=None, landma
     device = model_device(model)
     dtype = autocast_dtype(device, precision)
     face, keep = face.to(device).expand(n, -1, -1, -1), ~mask.to(device)
-    ts = time_grid("ddpm", steps).to(device)
-    alpha_bar = ALPHA_BAR.to(device)[ts]
-    alpha_bar_next = torch.cat([alpha_bar[1:], torch.ones(1, device=device)])
+    ts, alpha_bar, alpha_bar_next = schedule("ddpm", steps, device)
     landmarks = landmarks_for(model, landmarks, n, device)
 
     def noise():
@@ -1816,39 +1825,23 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
 MAX_COUNT = 1_000_000  # the largest count any option takes (epochs, steps, faces, batch size, ...)
 
 
-def positive_int(text):
-    value = int(text)
-    if not 1 <= value <= MAX_COUNT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_COUNT:,}, got {text}")
-    return value
+def in_range(kind, low, high, multiple=1):
+    """An argparse type: a `kind` (int or float) from `low` to `high` (NaN is not), and for an int
+    a multiple of `multiple`; the error names the range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high or kind is int and value % multiple:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} from {low:,} to {high:,}"
+                                             + (f", a multiple of {multiple}" if multiple > 1 else "") + f", got {text}")
+        return value
+    return parse
 
 
-def image_size_arg(text):
-    value = positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be divisible by 8 (the model halves it three times), got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def decay_arg(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+positive_int = in_range(int, 1, MAX_COUNT)
 
 
 def region_arg(text):
@@ -1861,13 +1854,6 @@ def region_arg(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"must be {', '.join(REGIONS)} or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
-
-
-def seed_arg(text):
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**32 - 1, got {text}")
-    return value
 
 
 def device_arg(text):
@@ -2164,12 +2150,14 @@ def shared_options():
                         help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
                         help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-    common.add_argument("--seed", type=seed_arg, default=cfg.seed, help="random seed: the same seed gives the same run")
+    common.add_argument("--seed", type=in_range(int, 0, 2 ** 32 - 1), default=cfg.seed, help="random seed: the same seed gives the same run")
     common.add_argument("--overwrite", action="store_true",
                         help="replace files that exist already (without it, the command refuses to start)")
-    size.add_argument("--image-size", type=image_size_arg, default=model["image_size"], help="face size in pixels")
-    width.add_argument("--width", type=positive_int, default=model["base_channels"], help="base channels of the model")
-    width.add_argument("--blocks", type=positive_int, default=model["blocks"], help="residual blocks per stage")
+    size.add_argument("--image-size", type=in_range(int, *DiffusionModel.LIMITS["image_size"], multiple=8), default=model["image_size"], help="face size in pixels")
+    width.add_argument("--width", type=in_range(int, *DiffusionModel.LIMITS["base_channels"]), default=model["base_channels"],
+                       help="base channels of the model")
+    width.add_argument("--blocks", type=in_range(int, *DiffusionModel.LIMITS["blocks"]), default=model["blocks"],
+                       help="residual blocks per stage")
     batch.add_argument("--batch-size", type=positive_int, default=None,
                        help="faces per optimizer step, all processes together under torchrun (the learning "
                             f"rate is not rescaled; default {cfg.batch_size}, or for train on a GPU "
@@ -2182,7 +2170,7 @@ def shared_options():
     sampling.add_argument("--steps", type=positive_int, default=None,
                           help="sampling steps (default: a student's own, else " +
                                ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
-    sampling.add_argument("--guidance", type=positive_float, default=None,
+    sampling.add_argument("--guidance", type=in_range(float, 0.0, MAX_GUIDANCE), default=None,
                           help=f"classifier-free guidance scale for landmark models (1: none; default {GUIDANCE}, "
                                "or 1 for a distilled student, which has its teacher's built in)")
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
@@ -2216,14 +2204,14 @@ def build_parser(wanted=None, resumed=None, error=None):
     tr.add_argument("--epochs", type=positive_int, default=None,
                     help=f"passes over the training faces (default {cfg.epochs}, or {GPU_RECIPE['epochs']} with the GPU "
                          "recipe's batch size)")
-    tr.add_argument("--minutes", type=positive_float, default=cfg.minutes,
+    tr.add_argument("--minutes", type=in_range(float, 0.01, MAX_MINUTES), default=cfg.minutes,
                     help="train for this many minutes instead of --epochs: the number of steps is planned "
                          f"from the speed over its first {TIMED_SHARE:.0%}% of the time, and the learning-rate schedule "
                          "ends on time")
-    tr.add_argument("--lr", type=positive_float, default=cfg.lr, help="peak AdamW learning rate")
+    tr.add_argument("--lr", type=in_range(float, 1e-8, 1.0), default=cfg.lr, help="peak AdamW learning rate")
     tr.add_argument("--warmup-steps", type=positive_int, default=cfg.warmup_steps,
                     help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
-    tr.add_argument("--ema-decay", type=decay_arg, default=cfg.ema_decay,
+    tr.add_argument("--ema-decay", type=in_range(float, 0.0, 0.99999), default=cfg.ema_decay,
                     help="EMA decay of the sampling weights (warmed up from 0.1)")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
     tr.add_argument("--landmarks", action="store_true",
@@ -2248,9 +2236,9 @@ def build_parser(wanted=None, resumed=None, error=None):
                          "its own for a student")
     di.add_argument("--epochs", type=positive_int, default=DISTILL["epochs"],
                     help="passes over the faces")
-    di.add_argument("--minutes", type=positive_float, default=None,
+    di.add_argument("--minutes", type=in_range(float, 0.01, MAX_MINUTES), default=None,
                     help="distil for this many minutes instead of --epochs (planned as train's --minutes)")
-    di.add_argument("--lr", type=positive_float, default=DISTILL["lr"], help="peak AdamW learning rate")
+    di.add_argument("--lr", type=in_range(float, 1e-8, 1.0), default=DISTILL["lr"], help="peak AdamW learning rate")
     di.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the distillation of a checkpoint (without PATH, OUT/checkpoint.pt) with its "
                          "settings")
@@ -2265,7 +2253,7 @@ def build_parser(wanted=None, resumed=None, error=None):
                         help="cats with the face layout of PHOTO (its .cat file beside it)")
     rc = command("reconstruct", "noise a real face and denoise it (SDEdit), or invert it", model_file)
     rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
-    rc.add_argument("--strength", type=fraction, default=0.5, help="how far to noise: 0 none, 1 pure noise")
+    rc.add_argument("--strength", type=in_range(float, 0.001, 1.0), default=0.5, help="how far to noise: 0 none, 1 pure noise")
     rc.add_argument("--invert", action="store_true",
                     help="DDIM inversion instead: the noise that DDIM maps back onto the face")
     ip = command("interpolate", "morph between two real faces through the model's noise space", model_file)

@@ -11,6 +11,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import sys
 import threading
 import time
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cat_diffusion import (EARS, LANDMARKS, REGIONS, SYNTH_LANDMARKS, align_landmarks, guidance_of, inpaint,
-                           load_diffusion_model, model_device, region_mask, sample, sampler_of, slerp,
+from cat_diffusion import (EARS, LANDMARKS, MAX_GUIDANCE, REGIONS, SYNTH_LANDMARKS, align_landmarks, guidance_of, inpaint,
+                           load_diffusion_model, model_device, morph, region_mask, sample, sampler_of,
                            stored_layouts, to_unit)
 
 PAGE = Path(__file__).with_name("cat_studio.html")
@@ -35,8 +36,8 @@ class ApiError(Exception):
         self.status = status
 
 
-STUDIO_LIMITS = dict(body_bytes=16_384, n=32, steps=200, frames=24, versions=8, seed=2 ** 31 - 1,
-                     guidance=10.0, wait_seconds=120)  # wait: how long a request queues for the model
+STUDIO_LIMITS = dict(body_bytes=16_384, connections=32, n=32, steps=200, frames=24, versions=8, seed=2 ** 31 - 1,
+                     guidance=MAX_GUIDANCE, wait_seconds=120)  # wait: how long a request queues for the model
 
 
 def field(request, name, kind, low, high, default=None):
@@ -82,23 +83,26 @@ class Studio:
         self.model, self.lock = model, threading.Lock()
         self.landmarks = model.config["landmarks"]
         self.mean = layouts["mean"] if layouts else align_landmarks(100 * SYNTH_LANDMARKS.astype(np.float32))
-        self.cov = layouts["cov"] if layouts else None
+        self.scale = None  # the Cholesky factor of the layouts' covariance, when it has one
+        if layouts:
+            scale, problem = torch.linalg.cholesky_ex(layouts["cov"].double() + 1e-6 * torch.eye(18, dtype=torch.float64))
+            self.scale = scale if problem == 0 else None
 
     def info(self):
         sampler, steps = sampler_of(self.model)
         return dict(landmarks=self.landmarks, names=LANDMARKS, ears=EARS, regions=REGIONS, mean=self.mean.tolist(),
-                    random_layout=self.cov
+                    random_layout=self.scale
                     is not None, device=model_device(self.model).type, image_size=self.model.config["image_size"],
                     sampler=sampler, steps=steps, guidance=guidance_of(self.model) if self.landmarks else 1.0,
                     limits=STUDIO_LIMITS)
 
     def layout(self, request):
         """A layout drawn from the training landmarks' Gaussian (mean, covariance)."""
-        if self.cov is None:
-            raise ApiError(400, "this model file stores no landmark layouts (a model trained before they were kept)")
-        g = torch.Generator().manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"]))
-        scale = torch.linalg.cholesky(self.cov.double() + 1e-6 * torch.eye(18, dtype=torch.float64))
-        marks = self.mean.double().reshape(18) + scale @ torch.randn(18, generator=g, dtype=torch.float64)
+        if self.scale is None:
+            raise ApiError(400, "this model file stores no usable landmark layouts (none kept, or a covariance "
+                                "that is not positive definite)")
+        g = torch.Generator().manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0))
+        marks = self.mean.double().reshape(18) + self.scale @ torch.randn(18, generator=g, dtype=torch.float64)
         return dict(landmarks=marks.clamp(-0.5, 1.5).reshape(9, 2).tolist())
 
     def cats(self, request):
@@ -166,10 +170,8 @@ class Studio:
         """`frames` cats between two generated ones: their noises slerped, their landmarks lerped."""
         (noise_a, marks_a, steps, guidance), (noise_b, marks_b, _, _) = (self.one_cat(request, k) for k in "ab")
         frames = field(request, "frames", int, 2, STUDIO_LIMITS["frames"], 8)
-        w = torch.linspace(0, 1, frames)
-        noise = torch.cat([slerp(noise_a, noise_b, float(wi)) for wi in w])
-        marks = None if marks_a is None or marks_b is None else torch.lerp(marks_a, marks_b, w[:, None, None])
-        images, seconds = self.run(lambda: self.sample(noise, marks, steps, guidance))
+        images, seconds = self.run(lambda: morph(self.model, noise_a[0], noise_b[0], frames, None, steps, marks_a, marks_b,
+                                                 guidance).cpu())
         return dict(images=png_data_urls(to_unit(images)), seconds=seconds)
 
 
@@ -180,6 +182,7 @@ class StudioHandler(http.server.BaseHTTPRequestHandler):
 
     studio = None  # set by `serve`
     server_version = "cat_diffusion"
+    timeout = 10  # seconds a connection may take to send its headers and body (a slow client holds no thread)
 
     def send(self, status, body, kind="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -191,29 +194,43 @@ class StudioHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        if self.path in ("/", "/index.html"):
-            self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-        elif self.path == "/api/info":
-            self.send(200, self.studio.info())
-        else:
-            self.send(404, {"error": f"no such page: {self.path}"})
+        try:
+            self.check_host()
+            if self.path in ("/", "/index.html"):
+                self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif self.path == "/api/info":
+                self.send(200, self.studio.info())
+            else:
+                raise ApiError(404, f"no such page: {self.path}")
+        except ApiError as e:
+            self.send(e.status, {"error": str(e)})
 
     def do_POST(self):
         routes = {"/api/layout": self.studio.layout, "/api/generate": self.studio.generate,
                   "/api/inpaint": self.studio.inpaint, "/api/interpolate": self.studio.interpolate}
         try:
+            self.check_host()
             if self.path not in routes:
                 raise ApiError(404, f"no such endpoint: {self.path}")
+            if self.headers.get_content_type() != "application/json":  # a cross-site form cannot send JSON
+                raise ApiError(415, "the body must be JSON, sent as Content-Type: application/json")
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not re.fullmatch(r"[0-9]{1,9}", length):
                 raise ApiError(411, "a JSON body with a Content-Length is needed")
             if int(length) > STUDIO_LIMITS["body_bytes"]:
                 self.close_connection = True  # the unread body must not be taken for the next request
                 raise ApiError(413, f"the body is {length} bytes; the limit is {STUDIO_LIMITS['body_bytes']}")
             try:
-                request = json.loads(self.rfile.read(int(length)))
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "the body is not valid JSON") from None
+                body = self.rfile.read(int(length))  # the socket timeout ends a body that never comes
+            except TimeoutError:
+                body = b""
+            if len(body) < int(length):
+                self.close_connection = True
+                raise ApiError(400, f"the body did not arrive in full ({length} bytes) within {self.timeout} s")
+            try:
+                request = json.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise ApiError(400, "the body is not valid JSON (or nests too deeply)") from None
             if not isinstance(request, dict):
                 raise ApiError(400, "the body must be a JSON object")
             self.send(200, routes[self.path](request))
@@ -223,14 +240,56 @@ class StudioHandler(http.server.BaseHTTPRequestHandler):
             traceback.print_exc()
             self.send(500, {"error": f"{type(e).__name__}: {e}"})
 
+    def check_host(self):
+        """Refuse a Host header that names neither the bound address nor this computer: a page of
+        another site whose name now points here (DNS rebinding) must not reach the model."""
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("localhost", "127.0.0.1", "::1", self.server.server_address[0]) and \
+                self.server.server_address[0] not in ("0.0.0.0", "::"):
+            raise ApiError(421, f"requests must name this server (Host {host!r} is another name)")
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, an unknown method) as JSON, like the rest."""
+        self.close_connection = True
+        try:
+            self.send(code, {"error": message or self.responses.get(code, ("error",))[0]})
+        except OSError:
+            pass
+
     def log_message(self, format, *args):
-        print(f"{self.address_string()} {format % args}", file=sys.stderr)
+        """One line per request on stderr, control characters escaped (a request must not drive
+        the operator's terminal)."""
+        text = (format % args).encode("unicode_escape").decode("ascii")
+        print(f"{self.address_string()} {text}", file=sys.stderr)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most STUDIO_LIMITS["connections"] connections at once: others
+    wait in the listen queue, so many idle clients cannot take a thread each."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(STUDIO_LIMITS["connections"])
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def serve(model, layouts=None, host="127.0.0.1", port=8000):
     """The studio's server (not yet serving: call `serve_forever()`; port 0 picks a free one)."""
     handler = type("Handler", (StudioHandler,), {"studio": Studio(model.eval(), layouts)})
-    return http.server.ThreadingHTTPServer((host, port), handler)
+    return Server((host, port), handler)
 
 
 def run_serve(args):
@@ -240,7 +299,10 @@ def run_serve(args):
     except OSError as e:
         raise SystemExit(f"error: --host {args.host} --port {args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
-    print(f"cat studio for {args.model} at http://{host}:{port}/ (Ctrl-C stops it)")
+    print(f"cat studio for {args.model} at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: --host {args.host}: anyone who can reach this computer on port {port} can use the "
+              f"studio; it has no authentication", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

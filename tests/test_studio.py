@@ -4,7 +4,9 @@ takes the server down."""
 import base64
 import io
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -44,7 +46,7 @@ def url(layouts):
 def call(url, path, body=None, raw=None, headers=None):
     """(status, JSON answer) of a GET, or of a POST of `body` as JSON (or `raw` bytes)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers=headers or {})
+    request = urllib.request.Request(url + path, data=data, headers=headers or {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -226,3 +228,79 @@ def test_ctrl_c_stops_serve_cleanly(tmp_path, monkeypatch, capsys):
     cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", "0"])
     out = capsys.readouterr().out
     assert "cat studio for" in out and "http://127.0.0.1:" in out and out.rstrip().endswith("stopped")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile clients: slow bodies, odd headers, terminal escapes
+# ----------------------------------------------------------------------------------------------
+
+def raw_request(url, data, wait=5.0):
+    """Send `data` on a fresh connection; (the answer's status line, seconds until it came)."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        tic = time.perf_counter()
+        sock.sendall(data)
+        answer = sock.makefile("rb").readline().decode()
+        return answer.strip(), time.perf_counter() - tic
+
+
+def test_a_slow_client_is_cut_off_and_its_truncated_body_never_runs(url, monkeypatch):
+    monkeypatch.setattr(cs.StudioHandler, "timeout", 1)
+    ran = []
+    monkeypatch.setattr(cs.Studio, "generate", lambda self, request: ran.append(request) or {})
+    body = b'{"n": 1}'
+    status, seconds = raw_request(url, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + body)
+    assert " 400 " in f" {status} " and seconds < 4 and ran == []
+    assert threading.active_count() < 20  # the connection's thread has ended
+    assert call(url, "/api/info")[0] == 200  # and the server answers the next client
+
+
+def test_many_idle_connections_do_not_take_a_thread_each(url, monkeypatch):
+    monkeypatch.setattr(cs.StudioHandler, "timeout", 1)
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(cs.STUDIO_LIMITS["connections"] + 20)]
+    time.sleep(0.3)
+    assert threading.active_count() <= cs.STUDIO_LIMITS["connections"] + 5
+    for sock in idle:
+        sock.close()
+    assert call(url, "/api/info")[0] == 200
+
+
+def test_control_characters_in_a_request_are_escaped_in_the_log(url, capsys):
+    raw_request(url, b"GET /\x1b[2J\x07 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b[2J" in err
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
+     + b"10240\r\n\r\n" + b"[" * 10240, "400"),  # nested too deeply for json
+    ("POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
+     "\u00b2\r\n\r\n{}".encode(), "411"),  # a digit to isdigit, not to int
+    (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+     "415"),  # what a cross-site form can send
+    (b"GET /api/info HTTP/1.1\r\nHost: evil.example:8000\r\n\r\n", "421"),  # DNS rebinding
+    (b"PUT /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "501"),
+])
+def test_odd_requests_get_a_status_not_a_500(url, request_bytes, status):
+    answer, _ = raw_request(url, request_bytes)
+    assert answer.split()[1] == status, answer
+
+
+def test_unknown_methods_are_answered_in_json(url):
+    request = urllib.request.Request(url + "/api/generate", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 501 and "error" in json.loads(e.value.read())
+
+
+def test_layout_fields_are_optional_and_a_bad_covariance_disables_random_layouts(url, layouts):
+    status, answer = call(url, "/api/layout", {})
+    assert status == 200 and len(answer["landmarks"]) == len(cd.LANDMARKS)
+    broken = dict(layouts, cov=-torch.eye(18))
+    studio = cs.Studio(studio_model(), broken)
+    assert studio.info()["random_layout"] is False
+    with pytest.raises(cs.ApiError) as e:
+        studio.layout({})
+    assert e.value.status == 400
