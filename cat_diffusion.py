@@ -530,10 +530,8 @@ def ellipse(cx, cy, rx, ry, n=28):
 
 
 def backdrop(rng, w, h):
-    """A plain, muted backdrop, like a wall: a grey with a slight tint, shaded from top to bottom.
-    Measured on the default run's samples.png (chroma spread in the faces' 12x12 corners, 0-255):
-    random bright shapes here 18.0 (confetti), a two-colour gradient 13.0, one bright colour 14.1,
-    muted 8.4 (clean)."""
+    """A plain, muted backdrop, like a wall: a grey with a slight tint, shaded from top to bottom;
+    bright or patterned backdrops came out as confetti around the sampled faces (RESULTS.md)."""
     colour = np.clip(rng.uniform(50, 210) + rng.normal(0, 12, 3), 0, 255)
     shade = np.linspace(1.0, 0.8, h)[:, None, None]
     return np.broadcast_to(colour * shade, (h, w, 3)).round().astype(np.uint8)
@@ -740,11 +738,9 @@ class DiffusionModel(nn.Module):
     `channel_mults` per resolution; depth: `blocks` residual blocks per stage.
 
     With `landmarks=True`, `model(x_t, t, landmarks)` also sees the 9 landmarks ((B, 9, 2) in [0, 1]
-    face coordinates; NaN or None: unconditional) as heatmap channels beside the image. Measured
-    against an MLP embedding of them added to the time embedding (cat faces, 4 epochs each, same
-    seed; LandmarkNet error in px at 64 px of 256 samples conditioned on held-out landmarks, real
-    faces 2.80, unconditional samples 6.35): heatmaps 5.65 (guidance 1) and 5.28 (guidance 2),
-    embedding 6.02 and 6.01. A convolution sees where a heatmap is; an embedding must learn it.
+    face coordinates; NaN or None: unconditional) as heatmap channels beside the image: samples
+    followed them closer than with an embedding added to the time embedding (RESULTS.md), since a
+    convolution sees where a heatmap is and an embedding must learn it.
 
     `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
     sample in N steps of the "student" sampler, which is then its default.
@@ -824,10 +820,8 @@ def v_target(x0, alpha_bar_t, eps):
     """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, section 4).
 
     Why v: its MSE weights x0-errors by SNR + 1, so it stays finite and informative at both ends
-    of the cosine schedule, where eps-prediction turns ill-posed at high noise (SNR -> 0).
-    Measured on the real faces (3 epochs, default model, eval -n 361): SWD 77.9 for v against
-    89.6 for eps with min-SNR-5 weighting, whose coarsest level (global colour and layout) was
-    twice as far off (115 vs 62).
+    of the cosine schedule, where eps-prediction turns ill-posed at high noise (SNR -> 0); measured,
+    SWD 77.9 for v against 89.6 for eps (RESULTS.md).
     """
     return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
 
@@ -839,9 +833,8 @@ def predict_x0_eps(v, x_t, alpha_bar_t):
 
 
 def draw_noise(x0, generator):
-    """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1).
-    Measured against EDM's log-normal noise levels (ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022),
-    10 minutes each, eval -n 1000: SWD 33.9 uniform, 65.8 log-normal (coarsest level 29.1 vs 104.8)."""
+    """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1);
+    EDM's log-normal noise levels did worse here, SWD 65.8 against 33.9 (RESULTS.md)."""
     t = torch.randint(0, T, (len(x0),), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last)
     return t, eps
@@ -850,9 +843,7 @@ def draw_noise(x0, generator):
 def loss_weight(snr):
     """(min(SNR, 5) + 1) / (SNR + 1) on the v error: v's own weight up to SNR 5 and min-SNR-5's above
     it (Hang et al. 2023), so the nearly clean levels weigh less and the noisy ones that set the
-    layout keep their weight. Measured, 10 minutes each, eval -n 1000, seeds 0 / 1: SWD 32.2 / 39.5
-    against 33.9 / 42.4 for plain v-MSE, and min-SNR-5 itself 55.0 (seed 0; coarsest level 100.6
-    vs 29.1: it starves the noisy levels)."""
+    layout keep their weight; it beat plain v-MSE with two seeds and min-SNR-5 itself by far (RESULTS.md)."""
     return (snr.clamp(max=5) + 1) / (snr + 1)
 
 
@@ -923,16 +914,17 @@ def model_device(model):
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The training recipe; each measured choice is recorded in tests/benchmarks/RESULTS.md
+    ("Choices recorded in the code", "Optimiser settings")."""
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
-    batch_size: int = 16  # 12 minutes, seeds 0 / 1: SWD 25.1 / 26.2 against 32's 28.3 / 33.4 (twice the steps);
-    # 60 minutes, seed 0: 21.4 and 21.7 against batch 32's 19.6 (tests/benchmarks/RESULTS.md; README's advice)
-    lr: float = 2e-3  # beat 1e-3 at equal 8- and 24-minute budgets on the cat faces (README)
+    batch_size: int = 16  # twice batch 32's steps in the same time: better cats within the hour
+    lr: float = 2e-3
     warmup_steps: int = 200
-    betas: tuple = (0.9, 0.99)  # AdamW's; 12 minutes, seeds 0 / 1: SWD 28.3 / 33.4 against beta2 0.999's 30.7 / 36.1
+    betas: tuple = (0.9, 0.99)  # AdamW's; beta2 0.99 follows the fast-moving early loss better than 0.999
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999  # make_ema's cap; 60 minutes at batch 16: SWD 21.7, uncapped 21.6 (one run, two profiles)
+    ema_decay: float = 0.999  # make_ema's cap; the EMA window is not what limits hour-long runs
     augment: bool = True  # random horizontal flips
     seed: int = 0
     device: str = "auto"
@@ -951,8 +943,7 @@ def make_ema(model, decay, k=10):
     """EMA of the weights via torch.optim.swa_utils.AveragedModel, with the decay warmed up as
     min(decay, (1 + n) / (k + n)) after n updates, so that a short run is not dominated by its
     random start: until the cap, an average over the last ~n / (k - 1) steps (Karras et al. 2024's
-    power EMA with sigma_rel ~0.09 at k = 10). Measured, five profiles through one 12-minute run, eval
-    -n 1000: k = 3 / 5 / 10 / 20 / 40 gave SWD 39.2 / 31.5 / 30.5 / 31.2 / 31.6."""
+    power EMA with sigma_rel ~0.09 at k = 10, the best of the five k measured: RESULTS.md, EMA length)."""
     def ema_update(ema_params, params, num_averaged):
         d = min(decay, (1 + float(num_averaged)) / (k + float(num_averaged)))
         torch._foreach_lerp_(ema_params, params, 1 - d)
@@ -972,11 +963,11 @@ def warmup_cosine(step, warmup, total):
 
 
 # A run of --minutes times its steps over a twentieth of its time (after its first step, which compiles)
-# before it fixes its length: on an H100 the first 40 steps (0.9 s) planned 0.022 s a step, then it averaged 0.025.
+# before it fixes its length: a few dozen steps misjudge a GPU's speed.
 TIMED_SHARE = 1 / 20
 MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would never plan its steps)
-# An epoch's end writes a checkpoint only this many seconds after the last one: on an H100 an epoch of the
-# cat faces takes 0.7 s, and writing after each cut the training loop from 40 to 35.5 steps a second.
+# An epoch's end writes a checkpoint only this many seconds after the last one: a GPU runs an epoch in under
+# a second, and a write after each slowed its loop by a tenth.
 EPOCH_CHECKPOINT_GAP = 60
 
 
@@ -1117,6 +1108,31 @@ def worth_keeping(model, ema, opt, loss_of):
     return math.isfinite(loss)
 
 
+def training_batch(faces, landmarks, idx, flips, cfg, conditioned, noise_gen):
+    """A step's (x0, t, eps, landmarks): faces `idx` (`flips` mirrored), their noise levels and
+    noise, and for a `conditioned` model their landmarks, NaN for a `cfg.landmark_dropout` share
+    of them (condition dropout: one model, with and without landmarks), else None."""
+    x0, marks = make_batch(faces, landmarks, idx, flips, faces.device)
+    t, eps = draw_noise(x0, noise_gen)
+    if not conditioned:
+        return x0, t, eps, None
+    dropped = torch.rand(len(x0), device=x0.device, generator=noise_gen) < cfg.landmark_dropout
+    return x0, t, eps, torch.where(dropped[:, None, None], math.nan, marks)
+
+
+def accumulate(net, objective, parts, alpha_bar, dtype, world):
+    """Forward and backward over this process's micro-batches `parts` ((x0, t, eps, landmarks)
+    each), DDP averaging the gradients over processes on the last only; returns the step's loss."""
+    loss = torch.zeros((), device=alpha_bar.device)
+    for k, (x0, t, eps, cond) in enumerate(parts):
+        with net.no_sync() if world > 1 and k < len(parts) - 1 else contextlib.nullcontext():
+            with autocast(x0.device, dtype):
+                micro_loss = objective(net, x0, t, eps, alpha_bar, cond) / len(parts)
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    return loss
+
+
 def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, objective=None):
     """Train `model` on `data` (a CatDataset) to minimise `objective` (by default `diffusion_loss`;
     or a distillation loss, with its signature); returns (ema_model, history).
@@ -1191,23 +1207,12 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
             if order is None or i == 0:
                 order, flips = (t.to(device) for t in epoch_order(len(data), cfg.seed, epoch))
             idx = order[i * batch:(i + 1) * batch]
-            x0, marks = make_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, device)
-            t, eps = draw_noise(x0, noise_gen)
-            cond = None
-            if model.config["landmarks"]:  # condition dropout: one model, with and without landmarks
-                dropped = torch.rand(len(x0), device=device, generator=noise_gen) < cfg.landmark_dropout
-                cond = torch.where(dropped[:, None, None], math.nan, marks)
-            opt.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
+            whole = training_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, cfg,
+                                   model.config["landmarks"], noise_gen)
             mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
-            for k, part in enumerate(mine.split(micro)):
-                last = k == cfg.grad_accum - 1  # gradients are averaged over ranks on the last micro-step only
-                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    with autocast(device, dtype):
-                        micro_loss = objective(net, x0[part], t[part], eps[part], alpha_bar,
-                                               None if cond is None else cond[part]) / cfg.grad_accum
-                    micro_loss.backward()
-                loss += micro_loss.detach()
+            parts = [[None if v is None else v[part] for v in whole] for part in mine.split(micro)]
+            opt.zero_grad(set_to_none=True)
+            loss = accumulate(net, objective, parts, alpha_bar, dtype, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
@@ -1240,9 +1245,9 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                                 img_s=f"{seen / (time.perf_counter() - tic):.0f}")
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
-            if rank == 0 and at_checkpoint:
-                kept = checkpoint(step, lambda m: objective(m, x0[part], t[part], eps[part], alpha_bar,
-                                                            None if cond is None else cond[part]))
+            if rank == 0 and at_checkpoint:  # the weights are checked on this step's first micro-batch
+                x0, t, eps, cond = parts[0]
+                kept = checkpoint(step, lambda m: objective(m, x0, t, eps, alpha_bar, cond))
             if at_checkpoint:
                 barrier()
                 written = time.perf_counter()
@@ -1328,8 +1333,8 @@ def log_snr_grid(t_start, t_end, n):
 def time_grid(sampler, steps, t_start=T - 1):
     """Timesteps from `t_start` down to 0: evenly spaced in t for DDPM and DDIM, evenly spaced in
     log-SNR for DPM-Solver++ (Lu et al. 2022, section 3.3), starting at lambda = -6 at the latest
-    so that no steps are spent on near-pure noise; repeated timesteps are dropped. Measured on the
-    cat faces (eval -n 128): DPM++ 10 steps SWD 74 with even t, 37 with even log-SNR.
+    so that no steps are spent on near-pure noise; repeated timesteps are dropped (even log-SNR
+    halved DPM-Solver++ 10's SWD against even t: RESULTS.md).
 
     "student": t_start k/N for k = N .. 1 (the last step goes from t_start/N to the clean image),
     the grid of progressive distillation (Salimans & Ho 2022): the grid of N steps is every r-th
@@ -1706,9 +1711,8 @@ def load_model(model, name, device="cpu"):
 # Distillation: a student that samples in a few steps
 # ----------------------------------------------------------------------------------------------
 
-DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step. Measured (4-step students of one
-# teacher, 10 minutes each, eval -n 1000; the teacher's DPM-Solver++ 20: 33.9): one round on these targets SWD 34.4;
-# with substeps from lambda = -9.9 instead of -6 (3 of 4 on near-pure noise) 38.1; progressive halvings 64 -> 4 42.1
+DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step: its 4-step student matched the
+# teacher's DPM-Solver++ 20, where progressive halvings did worse (RESULTS.md, Distillation)
 STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]  # at 4 substeps a step, a trained teacher's stay distinct
 
 
@@ -1776,9 +1780,7 @@ def distillation_loss(teacher, steps, dtype, guidance):
     return loss
 
 
-# TrainConfig's otherwise; batch and betas as the students were measured with (train's moved on since).
-# Measured (progressive distillation, 2.5 minutes a round): lr 1e-3 made the same 4-step student (SWD 41.6
-# against 42.1)
+# distill's recipe, TrainConfig's otherwise: the settings its students were measured with (RESULTS.md).
 DISTILL = dict(epochs=4, batch_size=32, lr=3e-4, warmup_steps=20, ema_decay=0.99, betas=(0.9, 0.999))
 
 
@@ -1805,8 +1807,8 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
     teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
     teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
     the less error compounds (TRACT, Berthelot et al. 2023). A 1-step student learns better from a
-    few-step one: measured SWD 46.0 from the 2-step student, 69.0 straight from a trained teacher
-    (whose 4-substep solve of the whole trajectory it copies). `resume`: out_dir's checkpoint.pt.
+    few-step one (SWD 46.0 from the 2-step student, 69.0 straight from a trained teacher, which it
+    copies in 4 coarse substeps). `resume`: out_dir's checkpoint.pt.
     Returns the (EMA) student."""
     check_student_steps(teacher, steps)
     dtype = autocast_dtype(model_device(teacher), cfg.precision)
@@ -1895,10 +1897,9 @@ def finish_figures(out, names):
     plt.close("all")
 
 
-# One H200: 19,710 training images/s, against 2,205 at batch 32 uncompiled. One H100: 314 epochs (2.2 M faces,
-# 4.5 minutes with compiling) reached SWD 1.29x the floor, where the CPU's 50 epochs see 0.35 M.
-# Width 64 did better there in 3 minutes (1.17x against 1.32x), but the recipe keeps the default width so that
-# the REPL's load_model(DiffusionModel(), "DiffusionModel") loads what a GPU trains.
+# The default model is too small to fill a GPU at the CPU's batch: batch 256, compiled, runs 9x the images a
+# second on one H200 (RESULTS.md). It keeps the default width so that the REPL's load_model(DiffusionModel(),
+# "DiffusionModel") loads what a GPU trains.
 GPU_RECIPE = dict(batch_size=256, compile=True, epochs=300)
 
 
@@ -1944,6 +1945,14 @@ def settings_of(args, **paths):
 TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
 
 
+def config_of(args, recipe=None):
+    """The TrainConfig of a command: each field its option sets (the option of the same name), else
+    `recipe`'s (a dict), else TrainConfig's default."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    return TrainConfig(**{**(recipe or {}), **given})
+
+
 def run_train(args):
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
@@ -1965,10 +1974,7 @@ def run_train(args):
         if rank == 0:
             print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
-    cfg = TrainConfig(epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, augment=not args.no_flip,
-                      device=args.device, precision=args.precision, checkpoint_every=args.checkpoint_every,
-                      grad_accum=args.grad_accum, compile=args.compile)
+    cfg = config_of(args)
     settings = settings_of(args, data=data_dir, name=model_file)
     args.out.mkdir(parents=True, exist_ok=True)
     ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings)
@@ -2019,10 +2025,7 @@ def run_distill(args):
     train_set = CatDataset(args.data, teacher.config["image_size"], split="train")
     if len(train_set) == 0:
         raise SystemExit(f"error: --data {args.data}: no faces to distil on (the teacher's training data)")
-    cfg = TrainConfig(**{**DISTILL, "epochs": args.epochs, "lr": args.lr,
-                         "batch_size": args.batch_size or DISTILL["batch_size"]},
-                      minutes=args.minutes, seed=args.seed, device=args.device, precision=args.precision,
-                      checkpoint_every=args.checkpoint_every)
+    cfg = config_of(args, DISTILL)
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
     student = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings)
@@ -2213,7 +2216,7 @@ def build_parser(wanted=None, resumed=None, error=None):
                     help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
     tr.add_argument("--ema-decay", type=in_range(float, 0.0, 0.99999), default=cfg.ema_decay,
                     help="EMA decay of the sampling weights (warmed up from 0.1)")
-    tr.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    tr.add_argument("--no-flip", dest="augment", action="store_false", help="no horizontal-flip augmentation")
     tr.add_argument("--landmarks", action="store_true",
                     help="condition on the 9 landmarks (dropped for 15%% of faces, so the model also "
                          "samples without them): enables sample --landmarks/--like and --guidance")
@@ -2296,8 +2299,8 @@ def saved_argv(parser, command, saved):
         value = saved.get(action.dest)
         if not action.option_strings or value is None or action.dest in ("resume", "overwrite", "out"):
             continue
-        if isinstance(action, argparse._StoreTrueAction):
-            argv += [action.option_strings[0]] if value is True else []
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv += [action.option_strings[0]] if value is action.const else []
         else:
             argv += [action.option_strings[0], str(value)]
     return argv
