@@ -168,6 +168,7 @@ LANDMARKS = ("left eye", "right eye", "mouth", "left ear 1", "left ear 2", "left
              "right ear 1", "right ear 2", "right ear 3")
 # A mirror image swaps sides; ear points run around the head, so left ear 1 (outer base) becomes
 # right ear 3 (outer base) and the tips (2) swap with each other.
+K = len(LANDMARKS)  # landmarks per face
 FLIP_ORDER = (1, 0, 2, 8, 7, 6, 5, 4, 3)
 EARS = ((3, 4, 5), (6, 7, 8))  # each ear's points, from its outer base over the tip to its inner base
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -407,7 +408,7 @@ def cached_faces(cache, key, size):
                                           for b in bad)
         and isinstance(faces, torch.Tensor) and faces.dtype == torch.uint8
         and faces.shape == (len(names), 3, size, size)
-        and isinstance(marks, torch.Tensor) and marks.dtype == torch.float32 and marks.shape == (len(names), 9, 2)
+        and isinstance(marks, torch.Tensor) and marks.dtype == torch.float32 and marks.shape == (len(names), K, 2)
         and bool(torch.isfinite(marks).all()))
     return (faces, marks, names, bad) if well_formed else None
 
@@ -444,7 +445,7 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
         good = [(p, r) for (p, _), r in zip(pairs, results) if r[0] == "ok"]
         faces = torch.from_numpy(np.stack([r[1] for _, r in good])) if good else \
             torch.zeros(0, 3, size, size, dtype=torch.uint8)
-        marks = torch.from_numpy(np.stack([r[2] for _, r in good])) if good else torch.zeros(0, 9, 2)
+        marks = torch.from_numpy(np.stack([r[2] for _, r in good])) if good else torch.zeros(0, K, 2)
         names = [str(p.relative_to(root)) for p, _ in good]
         bad = [[r[1], str(Path(r[2]).relative_to(root))] for r in results if r[0] == "bad"]
         bad += [["missing .cat file", str(p.relative_to(root))] for p in missing]
@@ -558,7 +559,7 @@ def draw_synthetic_cat(rng, photo_size=(256, 192)):
     fur = tuple(int(c) for c in np.clip(fur, 0, 255))
     inner = tuple(int(c) for c in rng.integers(180, 256, 3) * np.array([1, 0.7, 0.75]))
     head_rx, head_ry = rng.uniform(0.54, 0.6), rng.uniform(0.48, 0.54)
-    for ear in (marks[3:6], marks[6:9]):
+    for ear in (marks[list(ear)] for ear in EARS):
         draw.polygon(place(ear), fill=fur)
         draw.polygon(place(ear.mean(0) + 0.6 * (ear - ear.mean(0))), fill=inner)
     draw.polygon(place(ellipse(0, 0.02, head_rx, head_ry)), fill=fur)
@@ -647,8 +648,7 @@ def resolve_data(folder, synthetic_count, seed, default):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: the denoiser, a convolutional encoder-decoder (U-Net) conditioned on the noise level;
-# the landmark finder that checks landmark-guided samples
+# Model: the denoiser, a convolutional encoder-decoder (U-Net) conditioned on the noise level
 # ----------------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim):
@@ -766,7 +766,7 @@ class DiffusionModel(nn.Module):
         emb_dim = 4 * base_channels
         self.freqs = base_channels + base_channels % 2  # sines and cosines come in pairs
         self.time_mlp = nn.Sequential(nn.Linear(self.freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(3 + len(LANDMARKS) * landmarks, ch[0], 3, padding=1)
+        self.stem = nn.Conv2d(3 + K * landmarks, ch[0], 3, padding=1)
 
         def stage(c_in, c_out, r):
             return Stage(c_in, c_out, blocks, emb_dim, dropout, attention=r <= attention_below)
@@ -782,7 +782,7 @@ class DiffusionModel(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.freqs))
         if self.config["landmarks"]:
             if landmarks is None:
-                landmarks = x.new_full((len(x), len(LANDMARKS), 2), math.nan)
+                landmarks = x.new_full((len(x), K, 2), math.nan)
             x = torch.cat([x, landmark_heatmaps(landmarks.float(), x.shape[-1]).to(x.dtype)], dim=1)
         h, skips = self.stem(x), []
         for stage, down in zip(self.encoder, self.down):
@@ -1275,7 +1275,7 @@ def landmarks_for(model, landmarks, n, device):
         return None
     if not model.config["landmarks"]:
         raise ValueError("this model was trained without landmarks (train with --landmarks)")
-    return landmarks.float().to(device).expand(n, 9, 2)
+    return landmarks.float().to(device).expand(n, K, 2)
 
 
 def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
@@ -1435,7 +1435,7 @@ def write_gif(images, path, ms_per_frame=150):
 def draw_landmarks(images, landmarks):
     """Images in [0, 1] with their landmarks (one set for all, or one per image) as red dots."""
     uint8 = images.mul(255).round().byte()
-    marks = landmarks.expand(len(images), 9, 2) * images.shape[-1]
+    marks = landmarks.expand(len(images), K, 2) * images.shape[-1]
     return torch.stack([draw_keypoints(im, m[None], colors="red", radius=1) for im, m in zip(uint8, marks)]) / 255
 
 
@@ -1604,10 +1604,10 @@ def psnr(a, b):
 # ----------------------------------------------------------------------------------------------
 
 def layout_stats(landmarks):
-    """Mean (9, 2) and covariance (18, 18) of aligned landmarks: the distribution the studio's
+    """Mean (K, 2) and covariance (2K, 2K) of aligned landmarks: the distribution the studio's
     "random layout" draws from, stored in a landmark model's file (the faces are not)."""
-    flat = landmarks.reshape(len(landmarks), 18).double()
-    return {"mean": flat.mean(0).reshape(9, 2).float(), "cov": torch.cov(flat.T).reshape(18, 18).float()}
+    flat = landmarks.reshape(len(landmarks), 2 * K).double()
+    return {"mean": flat.mean(0).reshape(K, 2).float(), "cov": torch.cov(flat.T).float()}
 
 
 def model_path(name):
@@ -1631,8 +1631,8 @@ def stored_layouts(name):
     """The landmark layouts a model file keeps (see `layout_stats`), or None."""
     layouts = read_checkpoint(model_path(name)).get("layouts")
     ok = isinstance(layouts, dict) and all(torch.is_tensor(layouts.get(k)) and layouts[k].shape == shape and
-                                           torch.isfinite(layouts[k]).all() for k, shape in (("mean", (9, 2)),
-                                                                                             ("cov", (18, 18))))
+                                           torch.isfinite(layouts[k]).all() for k, shape in (("mean", (K, 2)),
+                                                                                             ("cov", (2 * K, 2 * K))))
     return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
 
 
@@ -1991,14 +1991,17 @@ def run_train(args):
     write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
     record_outputs(args.out / "checkpoint.pt", [model_file] + [args.out / f for f in TRAIN_OUTPUTS[1:]])
-    finish_figures(args.out, ["loss_curve.png", "reconstructions.png", "samples.png", "denoising.png"])
+    finish_figures(args.out, TRAIN_OUTPUTS[1:])
 
 
-def load_diffusion_model(path, device):
-    model = load_model(None, path, pick_device(device))
-    if not isinstance(model, DiffusionModel):
-        raise CheckpointError(f"{path}: holds a {type(model).__name__}, not a DiffusionModel")
-    return model
+def open_model(args, *outputs):
+    """A command's model (`--model` on `--device`), once its `outputs` (file names in `--out`) are
+    known to be writable without replacing anything; returns the model and the outputs' paths."""
+    paths = [args.out / name for name in outputs]
+    claim_outputs(paths, args.overwrite)
+    model = load_model(None, args.model, pick_device(args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    return model, paths
 
 
 def landmarks_of(model, photo):
@@ -2010,7 +2013,7 @@ def landmarks_of(model, photo):
 
 def run_distill(args):
     torch.manual_seed(args.seed)
-    teacher = load_diffusion_model(args.model, args.device)
+    teacher = load_model(None, args.model, pick_device(args.device))
     layouts = stored_layouts(args.model)
     try:
         check_student_steps(teacher, args.steps)
@@ -2044,9 +2047,9 @@ def run_distill(args):
 
 def run_sample(args):
     layout = args.landmarks or args.like
-    claim_outputs([args.out / "samples.png", *(args.out / f"sample_{i:04d}.png" for i in range(args.n)),
-                   *([args.out / "samples_landmarks.png"] if layout else [])], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
+    model, (grid, *singles) = open_model(args, "samples.png", *(f"sample_{i:04d}.png" for i in range(args.n)),
+                                         *(["samples_landmarks.png"] if layout else []))
+    marked = singles.pop() if layout else None
     marks = None
     if layout:
         if not model.config["landmarks"]:
@@ -2062,20 +2065,16 @@ def run_sample(args):
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision,
                             landmarks=marks, guidance=guidance_of(model, args.guidance)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_png(images, args.out / "samples.png", nrow=8)
-    for i, image in enumerate(images):
-        write_png(image, args.out / f"sample_{i:04d}.png")
-    written = [args.out / "samples.png"]
-    if marks is not None:
-        write_png(draw_landmarks(images, marks), args.out / "samples_landmarks.png", nrow=8)
-        written.append(args.out / "samples_landmarks.png")
-    print(f"wrote {' and '.join(map(str, written))} and {len(images)} single images in {args.out}")
+    write_png(images, grid, nrow=8)
+    for image, path in zip(images, singles):
+        write_png(image, path)
+    if marked:
+        write_png(draw_landmarks(images, marks), marked, nrow=8)
+    print(f"wrote {grid}{f' and {marked}' if marked else ''} and {len(images)} single images in {args.out}")
 
 
 def run_reconstruct(args):
-    claim_outputs([args.out / "reconstruct.png"], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
+    model, (path,) = open_model(args, "reconstruct.png")
     face, _, cond = landmarks_of(model, args.photo)
     x0 = to_model_range(face)[None].to(model_device(model))
     if args.invert:
@@ -2087,34 +2086,27 @@ def run_reconstruct(args):
         middle, result = sdedit(model, x0, args.strength, torch.Generator(x0.device).manual_seed(args.seed), cond,
                                 args.steps)
         what = f"SDEdit from strength {args.strength}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "reconstruct.png"
     write_png(to_unit(torch.cat([x0, middle.clamp(-1, 1), result])), path, nrow=3)
     print(f"{args.photo}: {what}: PSNR {psnr(result, x0):.2f} dB; wrote {path} (face, noise, result)")
 
 
 def run_interpolate(args):
-    claim_outputs([args.out / "interpolation.png", args.out / "interpolation.gif"], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
+    model, (strip, gif) = open_model(args, "interpolation.png", "interpolation.gif")
     (face_a, _, cond_a), (face_b, _, cond_b) = (landmarks_of(model, p) for p in args.photos)
     faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
                         cond_a, cond_b)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_png(to_unit(faces), args.out / "interpolation.png", nrow=args.frames)
-    write_gif(to_unit(faces), args.out / "interpolation.gif")
-    print(f"wrote {args.out / 'interpolation.png'} and {args.out / 'interpolation.gif'}")
+    write_png(to_unit(faces), strip, nrow=args.frames)
+    write_gif(to_unit(faces), gif)
+    print(f"wrote {strip} and {gif}")
 
 
 def run_inpaint(args):
-    claim_outputs([args.out / "inpaint.png"], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
+    model, (path,) = open_model(args, "inpaint.png")
     face, marks, cond = landmarks_of(model, args.photo)
     mask = region_mask(marks, model.config["image_size"], args.region)
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     x0 = to_model_range(face)
     results = inpaint(model, x0, mask, args.n, args.steps, generator=g, landmarks=cond, precision=args.precision)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "inpaint.png"
     shown = torch.cat([x0[None], torch.where(mask, 0.0, x0)[None], results.cpu()])
     write_png(to_unit(shown), path, nrow=len(shown))
     print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
@@ -2145,41 +2137,34 @@ class Parser(argparse.ArgumentParser):
 def shared_options():
     """Options that several commands take, each written once (argparse parent parsers), with the
     defaults of the code they feed."""
-    model, cfg = defaults_of(DiffusionModel), TrainConfig
+    model, cfg, limits = defaults_of(DiffusionModel), TrainConfig, DiffusionModel.LIMITS
     groups = {g: Parser(add_help=False) for g in ("common", "size", "width", "batch", "checkpoints", "model_file",
                                                   "sampling", "json_out")}
     common, size, width, batch, checkpoints, model_file, sampling, json_out = groups.values()
-    common.add_argument("--device", type=device_arg, default=cfg.device,
-                        help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    common.add_argument("--device", type=device_arg, default=cfg.device, help="auto (CUDA when present), cpu, cuda, cuda:1")
     common.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=cfg.precision,
                         help="auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
-    common.add_argument("--seed", type=in_range(int, 0, 2 ** 32 - 1), default=cfg.seed, help="random seed: the same seed gives the same run")
-    common.add_argument("--overwrite", action="store_true",
-                        help="replace files that exist already (without it, the command refuses to start)")
-    size.add_argument("--image-size", type=in_range(int, *DiffusionModel.LIMITS["image_size"], multiple=8), default=model["image_size"], help="face size in pixels")
-    width.add_argument("--width", type=in_range(int, *DiffusionModel.LIMITS["base_channels"]), default=model["base_channels"],
+    common.add_argument("--seed", type=in_range(int, 0, 2 ** 32 - 1), default=cfg.seed, help="the same seed, the same run")
+    common.add_argument("--overwrite", action="store_true", help="replace files that exist (else the command refuses)")
+    size.add_argument("--image-size", type=in_range(int, *limits["image_size"], multiple=8), default=model["image_size"],
+                      help="face size in pixels")
+    width.add_argument("--width", type=in_range(int, *limits["base_channels"]), default=model["base_channels"],
                        help="base channels of the model")
-    width.add_argument("--blocks", type=in_range(int, *DiffusionModel.LIMITS["blocks"]), default=model["blocks"],
+    width.add_argument("--blocks", type=in_range(int, *limits["blocks"]), default=model["blocks"],
                        help="residual blocks per stage")
     batch.add_argument("--batch-size", type=positive_int, default=None,
-                       help="faces per optimizer step, all processes together under torchrun (the learning "
-                            f"rate is not rescaled; default {cfg.batch_size}, or for train on a GPU "
-                            f"{GPU_RECIPE['batch_size']}, compiled, {GPU_RECIPE['epochs']} epochs; distill "
-                            f"{DISTILL['batch_size']})")
+                       help=f"faces per step, all processes together (default {cfg.batch_size}; train on a GPU "
+                            f"{GPU_RECIPE['batch_size']}, compiled; distill {DISTILL['batch_size']})")
     model_file.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                          help="DDPM ancestral, deterministic DDIM, DPM-Solver++(2M), or DDIM on a distilled "
-                               "student's grid (default: a student's own, else dpm++)")
-    sampling.add_argument("--steps", type=positive_int, default=None,
-                          help="sampling steps (default: a student's own, else " +
-                               ", ".join(f"{k} {v}" for k, v in SAMPLERS.items()) + ")")
+                          help="DDPM, DDIM, DPM-Solver++(2M), or a student's own grid (default: a student's, else dpm++)")
+    sampling.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: a student's own, "
+                          "else " + ", ".join(f"{k} {v}" for k, v in SAMPLERS.items() if k != "student") + ")")
     sampling.add_argument("--guidance", type=in_range(float, 0.0, MAX_GUIDANCE), default=None,
-                          help=f"classifier-free guidance scale for landmark models (1: none; default {GUIDANCE}, "
-                               "or 1 for a distilled student, which has its teacher's built in)")
+                          help=f"classifier-free guidance of a landmark model (1: none; default {GUIDANCE}, a student 1)")
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     checkpoints.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
-                             help="steps between checkpoints (one is also written after an epoch that ends a minute "
-                                  "or more after the last)")
+                             help="steps between checkpoints (and after an epoch a minute after the last)")
     return groups
 
 
@@ -2193,72 +2178,56 @@ def build_parser(wanted=None, resumed=None, error=None):
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join([*COMMANDS, *SATELLITES]) + "}")
     groups = shared_options()
     common, size, width, batch, checkpoints, model_file, sampling, json_out = groups.values()
-    cfg = TrainConfig
+    cfg, minutes, lr = TrainConfig, in_range(float, 0.01, MAX_MINUTES), in_range(float, 1e-8, 1e3)
 
     def command(name, description, *parents):
-        parser.commands[name] = commands.add_parser(name, help=description, description=description, parents=[*parents, common],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, raise_error=error)
+        parser.commands[name] = commands.add_parser(name, help=description, description=description, parents=[
+            *parents, common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, raise_error=error)
         return parser.commands[name]
 
     tr = command("train", "train on a CAT-format folder (the default command)", size, width, batch, checkpoints)
-    tr.add_argument("--data", type=existing_dir, default=None,
-                    help="folder of CAT photos with .cat files, at any depth; when the default "
-                         "data/ holds none, a synthetic set is drawn into data/synthetic/")
+    tr.add_argument("--data", type=existing_dir, default=None, help="folder of CAT photos with .cat files, at any depth "
+                    "(default data/; when it holds none, synthetic cats are drawn into data/synthetic/)")
     tr.add_argument("--epochs", type=positive_int, default=None,
-                    help=f"passes over the training faces (default {cfg.epochs}, or {GPU_RECIPE['epochs']} with the GPU "
-                         "recipe's batch size)")
-    tr.add_argument("--minutes", type=in_range(float, 0.01, MAX_MINUTES), default=cfg.minutes,
-                    help="train for this many minutes instead of --epochs: the number of steps is planned "
-                         f"from the speed over its first {TIMED_SHARE:.0%}% of the time, and the learning-rate schedule "
-                         "ends on time")
-    tr.add_argument("--lr", type=in_range(float, 1e-8, 1.0), default=cfg.lr, help="peak AdamW learning rate")
+                    help=f"passes over the faces (default {cfg.epochs}; {GPU_RECIPE['epochs']} with the GPU recipe)")
+    tr.add_argument("--minutes", type=minutes, default=cfg.minutes, help="train this long instead: the steps are "
+                    f"planned from the speed over the first {TIMED_SHARE:.0%}%, and the schedule ends on time")
+    tr.add_argument("--lr", type=lr, default=cfg.lr, help="peak AdamW learning rate")
     tr.add_argument("--warmup-steps", type=positive_int, default=cfg.warmup_steps,
                     help="steps of linear learning-rate warm-up (then cosine decay to 10%%)")
     tr.add_argument("--ema-decay", type=in_range(float, 0.0, 0.99999), default=cfg.ema_decay,
                     help="EMA decay of the sampling weights (warmed up from 0.1)")
     tr.add_argument("--no-flip", dest="augment", action="store_false", help="no horizontal-flip augmentation")
-    tr.add_argument("--landmarks", action="store_true",
-                    help="condition on the 9 landmarks (dropped for 15%% of faces, so the model also "
-                         "samples without them): enables sample --landmarks/--like and --guidance")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model for training "
-                    "(a minute of compiling; pays off on GPUs)")
+    tr.add_argument("--landmarks", action="store_true", help=f"condition on the {len(LANDMARKS)} landmarks (dropped for "
+                    f"{cfg.landmark_dropout:.0%}% of faces): enables sample --landmarks/--like and --guidance")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model (a minute; pays off on GPUs)")
     tr.add_argument("--grad-accum", type=positive_int, default=cfg.grad_accum, metavar="K",
-                    help="split each batch into K micro-batches (same result, less memory); "
-                         "--batch-size stays the global batch per step")
+                    help="split each batch into K micro-batches (same result, less memory)")
     tr.add_argument("--synthetic-count", type=positive_int, default=defaults_of(write_synthetic_dataset)["count"],
                     help="photos in the synthetic set drawn when there is no data")
-    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue the run of a checkpoint (without PATH, OUT/checkpoint.pt) with its settings; "
-                         "a larger --epochs extends it, --lr changes the learning rate from there on")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
-    di = command("distill", "distil a trained model into a student that samples in a few steps "
-                 "(distillation of its ODE solves)", model_file, batch, checkpoints)
+    di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,
+                 checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
     di.add_argument("--steps", type=positive_int, default=4,
-                    help=f"the student's sampling steps: 1 to {STUDENT_MAX} for a trained model, a divisor of "
-                         "its own for a student")
-    di.add_argument("--epochs", type=positive_int, default=DISTILL["epochs"],
-                    help="passes over the faces")
-    di.add_argument("--minutes", type=in_range(float, 0.01, MAX_MINUTES), default=None,
-                    help="distil for this many minutes instead of --epochs (planned as train's --minutes)")
-    di.add_argument("--lr", type=in_range(float, 1e-8, 1.0), default=DISTILL["lr"], help="peak AdamW learning rate")
-    di.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue the distillation of a checkpoint (without PATH, OUT/checkpoint.pt) with its "
-                         "settings")
+                    help=f"the student's steps: 1 to {STUDENT_MAX}, or for a student a divisor of its own")
+    di.add_argument("--epochs", type=positive_int, default=DISTILL["epochs"], help="passes over the faces")
+    di.add_argument("--minutes", type=minutes, default=None, help="distil this long instead (as train's --minutes)")
+    di.add_argument("--lr", type=lr, default=DISTILL["lr"], help="peak AdamW learning rate")
     di.add_argument("--name", type=name_arg, default="DistilledModel", help="the student goes to NAME.pth")
+    for p in (tr, di):
+        p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH", help="continue the run of a "
+                       "checkpoint (default OUT/checkpoint.pt) with its settings; more --epochs or --minutes extend it")
     sa = command("sample", "generate faces with a trained model", model_file, sampling)
     sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
     layout = sa.add_mutually_exclusive_group()
     layout.add_argument("--landmarks", type=existing_file, metavar="FILE.cat",
-                        help="cats with this face layout: a .cat file of a photo or a face crop "
-                             "(a model trained with --landmarks)")
-    layout.add_argument("--like", type=existing_file, metavar="PHOTO",
-                        help="cats with the face layout of PHOTO (its .cat file beside it)")
+                        help="cats with the face layout of a .cat file (a model trained with --landmarks)")
+    layout.add_argument("--like", type=existing_file, metavar="PHOTO", help="cats with the face layout of PHOTO")
     rc = command("reconstruct", "noise a real face and denoise it (SDEdit), or invert it", model_file)
     rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
-    rc.add_argument("--strength", type=in_range(float, 0.001, 1.0), default=0.5, help="how far to noise: 0 none, 1 pure noise")
-    rc.add_argument("--invert", action="store_true",
-                    help="DDIM inversion instead: the noise that DDIM maps back onto the face")
+    rc.add_argument("--strength", type=in_range(float, 0.001, 1.0), default=0.5, help="how far to noise (1: all the way)")
+    rc.add_argument("--invert", action="store_true", help="DDIM inversion instead, and back")
     ip = command("interpolate", "morph between two real faces through the model's noise space", model_file)
     ip.add_argument("photos", type=existing_file, nargs=2, metavar="PHOTO", help="two photos with .cat files")
     ip.add_argument("--frames", type=positive_int, default=8, help="faces in the strip and the GIF")
@@ -2268,13 +2237,11 @@ def build_parser(wanted=None, resumed=None, error=None):
                      help=f"{', '.join(REGIONS)}, or box:x0,y0,x1,y1 in the aligned face's pixels")
     inp.add_argument("-n", type=positive_int, default=8, help="number of versions")
     for p in (rc, ip):
-        p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps: more invert more exactly "
-                       "(on the cat faces 50 give 21-26 dB, 100 give 27-32 dB)")
+        p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps: more invert more exactly")
     inp.add_argument("--steps", type=positive_int, default=defaults_of(inpaint)["steps"], help="DDPM steps")
     for p, folder in ((tr, "outputs"), (di, "outputs/distill"), (sa, "outputs/sample"), (rc, "outputs/reconstruct"),
                       (ip, "outputs/interpolate"), (inp, "outputs/inpaint")):
-        p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures"
-                       + (" and checkpoints" if p in (tr, di) else ""))
+        p.add_argument("--out", type=Path, default=Path(folder), help="folder for the pictures (and checkpoints)")
     for name, (module, description) in SATELLITES.items():  # imported only to parse their own command
         if name == wanted:
             try:
@@ -2287,7 +2254,7 @@ def build_parser(wanted=None, resumed=None, error=None):
         else:
             command(name, description)
     if resumed:
-        {"train": tr, "distill": di}[resumed[0]].set_defaults(**resumed[1])
+        parser.commands[resumed[0]].set_defaults(**resumed[1])
     return parser
 
 

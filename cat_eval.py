@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from cat_diffusion import (ALPHA_BAR, LANDMARKS, SAMPLERS, CatDataset, CheckpointError, DiffusionModel, TrainConfig,
+from cat_diffusion import (ALPHA_BAR, K, SAMPLERS, CatDataset, CheckpointError, DiffusionModel, TrainConfig,
                            atomic_write, autocast, autocast_dtype, claim_outputs, defaults_of, diffusion_loss,
-                           draw_noise, epoch_order, group_norm, guidance_of, load_diffusion_model, load_model,
+                           draw_noise, epoch_order, group_norm, guidance_of, load_model,
                            make_batch, model_device, model_path, pick_device, sample, sampler_of, save_model,
                            to_model_range)
 
@@ -47,10 +47,10 @@ class LandmarkNet(nn.Module):
         side = image_size
         for _ in range(4):
             side = (side + 1) // 2  # a stride-2 convolution with padding 1 rounds up
-        self.head = nn.Linear(c * side ** 2, 2 * len(LANDMARKS))
+        self.head = nn.Linear(c * side ** 2, 2 * K)
 
     def forward(self, x):
-        return self.head(self.features(x)).view(-1, len(LANDMARKS), 2) + 0.5
+        return self.head(self.features(x)).view(-1, K, 2) + 0.5
 
 
 def landmark_error(net, images, landmarks, batch_size=256):
@@ -288,7 +288,7 @@ def write_json(path, result):
 def run_eval(args):
     if args.json:
         claim_outputs([args.json], args.overwrite)
-    model = load_diffusion_model(args.model, args.device)
+    model = load_model(None, args.model, pick_device(args.device))
     size = model.config["image_size"]
     train_set = CatDataset(args.data, size, split="train", quiet=True)
     val_set = CatDataset(args.data, size, split="val", quiet=True)

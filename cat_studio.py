@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cat_diffusion import (EARS, LANDMARKS, MAX_GUIDANCE, REGIONS, SYNTH_LANDMARKS, align_landmarks, guidance_of, inpaint,
-                           load_diffusion_model, model_device, morph, region_mask, sample, sampler_of,
+from cat_diffusion import (EARS, LANDMARKS, K, MAX_GUIDANCE, REGIONS, SYNTH_LANDMARKS, align_landmarks, guidance_of,
+                           inpaint, load_model, model_device, morph, pick_device, region_mask, sample, sampler_of,
                            stored_layouts, to_unit)
 
 PAGE = Path(__file__).with_name("cat_studio.html")
@@ -50,7 +50,7 @@ def field(request, name, kind, low, high, default=None):
 
 
 def landmarks_field(request, name="landmarks"):
-    """9 (x, y) pairs in face coordinates, finite and within half a face of it; None if absent."""
+    """K (x, y) pairs (one per landmark) in face coordinates, finite and within half a face of it; None if absent."""
     value = request.get(name)
     if value is None:
         return None
@@ -58,8 +58,8 @@ def landmarks_field(request, name="landmarks"):
         marks = torch.tensor(value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
         marks = None
-    if marks is None or marks.shape != (9, 2) or not torch.isfinite(marks).all() or (marks - 0.5).abs().max() > 1:
-        raise ApiError(400, f"{name} must be 9 [x, y] pairs from -0.5 to 1.5 (face coordinates)")
+    if marks is None or marks.shape != (K, 2) or not torch.isfinite(marks).all() or (marks - 0.5).abs().max() > 1:
+        raise ApiError(400, f"{name} must be {K} [x, y] pairs from -0.5 to 1.5 (face coordinates)")
     return marks.float()
 
 
@@ -85,7 +85,7 @@ class Studio:
         self.mean = layouts["mean"] if layouts else align_landmarks(100 * SYNTH_LANDMARKS.astype(np.float32))
         self.scale = None  # the Cholesky factor of the layouts' covariance, when it has one
         if layouts:
-            scale, problem = torch.linalg.cholesky_ex(layouts["cov"].double() + 1e-6 * torch.eye(18, dtype=torch.float64))
+            scale, problem = torch.linalg.cholesky_ex(layouts["cov"].double() + 1e-6 * torch.eye(2 * K, dtype=torch.float64))
             self.scale = scale if problem == 0 else None
 
     def info(self):
@@ -102,8 +102,8 @@ class Studio:
             raise ApiError(400, "this model file stores no usable landmark layouts (none kept, or a covariance "
                                 "that is not positive definite)")
         g = torch.Generator().manual_seed(field(request, "seed", int, 0, STUDIO_LIMITS["seed"], 0))
-        marks = self.mean.double().reshape(18) + self.scale @ torch.randn(18, generator=g, dtype=torch.float64)
-        return dict(landmarks=marks.clamp(-0.5, 1.5).reshape(9, 2).tolist())
+        marks = self.mean.double().reshape(2 * K) + self.scale @ torch.randn(2 * K, generator=g, dtype=torch.float64)
+        return dict(landmarks=marks.clamp(-0.5, 1.5).reshape(K, 2).tolist())
 
     def cats(self, request):
         """The noises, condition and sampling settings of a request's cats: `n` from `seed`."""
@@ -293,7 +293,7 @@ def serve(model, layouts=None, host="127.0.0.1", port=8000):
 
 
 def run_serve(args):
-    model = load_diffusion_model(args.model, args.device)
+    model = load_model(None, args.model, pick_device(args.device))
     try:
         server = serve(model, stored_layouts(args.model), args.host, args.port)
     except OSError as e:

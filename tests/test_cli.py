@@ -149,7 +149,7 @@ def test_sample_command_with_an_unusable_model_file_exits_with_its_name(tmp_path
 def test_train_command_reports_a_diverging_run_as_an_error_exit(photos, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cd.main(["train", "--data", str(photos), "--epochs", "3", "--image-size", "16", "--batch-size", "8",
-                 "--width", "8", "--lr", "1e6", "--warmup-steps", "1", "--precision", "fp32",
+                 "--width", "8", "--lr", "1e3", "--warmup-steps", "1", "--precision", "fp32",
                  "--out", str(tmp_path / "out"), "--name", str(tmp_path / "M")])
     assert str(exit_info.value.code).startswith("error: loss became")
     assert not (tmp_path / "M.pth").exists(), "no model is saved from a diverged run"
