@@ -1021,11 +1021,13 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
     """Refuse to resume a checkpoint's run as another run: the model, the data and RUN_SETTINGS
     must be the checkpoint's. The learning rate may change, and more epochs extend the run.
     Returns the changes to report."""
-    step, saved_total = ckpt.get("step"), ckpt.get("total")
-    if type(step) is not int or step < 0 or not (saved_total is None or type(saved_total) is int and
-                                                 saved_total >= step) or not isinstance(ckpt.get("model_config"), dict) \
-            or not isinstance(ckpt.get("train_config"), dict):
-        raise CheckpointError(f"{path}: damaged training state (step {step!r} of {saved_total!r})")
+    step, saved = ckpt.get("step"), ckpt.get("train_config")
+    if type(step) is not int or step < 0 or not isinstance(saved, dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise CheckpointError(f"{path}: damaged training state (step {step!r})")
+    timed = saved.get("minutes") is not None
+    if timed != (cfg.minutes is not None) or timed and cfg.epochs != saved.get("epochs"):  # would do nothing
+        raise CheckpointError(f"{path}: a run of {'minutes' if timed else 'epochs'} is extended with a larger "
+                              f"{'--minutes' if timed else '--epochs'}, not with {'--epochs' if timed else '--minutes'}")
     differ = [f"{k} {was!r} -> {now!r}" for k, was, now in [
         *((k, ckpt["model_config"].get(k), v) for k, v in model.config.items()),
         *((k, ckpt["train_config"].get(k), getattr(cfg, k)) for k in RUN_SETTINGS),
@@ -1037,7 +1039,7 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
         length = f"{cfg.minutes} minutes" if cfg.minutes else f"{cfg.epochs} epochs"
         raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {length} "
                               f"are only {total}")
-    saved, changes = ckpt["train_config"], []
+    changes = []
     if cfg.lr != saved["lr"]:
         changes.append(f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}")
     if cfg.minutes is None and cfg.epochs != saved["epochs"]:

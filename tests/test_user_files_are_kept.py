@@ -153,6 +153,12 @@ def crafted_checkpoint(run, folder, settings=(), **state):
     return str(folder / "checkpoint.pt")
 
 
+def timed_checkpoint(run, folder):
+    """A copy of the run's checkpoint as if it had been a run of --minutes 1."""
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    return crafted_checkpoint(run, folder, {"minutes": 1.0}, train_config={**ckpt["train_config"], "minutes": 1.0})
+
+
 def replaced(path):
     """`path` replaced by another run's file (other bytes), as `--overwrite` from another run does."""
     path.write_bytes(path.read_bytes() + b"another run")
@@ -206,6 +212,16 @@ CASES = [
     ("crafted checkpoint at step -5",
      lambda t, r, p: ["train", "--resume", crafted_checkpoint(r, t / "c", step=-5), "--epochs", "3"],
      "damaged training state"),
+    ("--minutes on a run of epochs (it did nothing)",
+     lambda t, r, p: ["train", "--resume", str(r / "checkpoint.pt"), "--minutes", "5"],
+     "a run of epochs is extended with a larger --epochs, not with --minutes"),
+    ("--epochs on a run of minutes (it did nothing)",
+     lambda t, r, p: ["train", "--resume", timed_checkpoint(r, t / "c"), "--epochs", "100"],
+     "a run of minutes is extended with a larger --minutes, not with --epochs"),
+    ("--minutes beyond a week", lambda t, r, p: ["train", "--minutes", "1e9"], "argument --minutes"),
+    ("--width beyond the model's limit", lambda t, r, p: ["train", "--width", "100000"], "argument --width"),
+    ("--image-size beyond the model's limit", lambda t, r, p: ["train", "--image-size", "100000"], "argument --image-size"),
+    ("--blocks beyond the model's limit", lambda t, r, p: ["train", "--blocks", "1000"], "argument --blocks"),
     ("a train checkpoint given to distill --resume",
      lambda t, r, p: ["distill", "--resume", str(r / "checkpoint.pt")], "a checkpoint of a train run"),
     ("unknown device", lambda t, r, p: ["train", "--device", "bogus"], "argument --device"),
