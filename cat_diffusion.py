@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import importlib
 import inspect
+import itertools
 import io
 import math
 import multiprocessing
@@ -205,9 +206,12 @@ def parse_cat_file(path):
     return points
 
 
-def sidecar(photo):
-    """A photo's .cat file (`X.jpg.cat`, else `X.cat`), or None."""
-    return next((c for c in (Path(f"{photo}.cat"), Path(photo).with_suffix(".cat")) if c.is_file()), None)
+def sidecar(photo, required=False):
+    """A photo's .cat file (`X.jpg.cat`, else `X.cat`), or None; when `required`, BadItem if none."""
+    cat = next((c for c in (Path(f"{photo}.cat"), Path(photo).with_suffix(".cat")) if c.is_file()), None)
+    if cat is None and required:
+        raise BadItem(f"{photo}: no landmarks: expected {Path(photo).name}.cat beside it")
+    return cat
 
 
 def walk_files(root):
@@ -275,12 +279,10 @@ def read_photo(path):
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Image.DecompressionBombError:
         raise BadItem(f"image over {MAX_PIXELS / 1e6:.0f} M pixels (a decompression bomb?)") from None
-    except Image.UnidentifiedImageError:
+    except (Image.UnidentifiedImageError, RuntimeError, ValueError):  # the first is an OSError: before it
         raise BadItem("corrupt or truncated image") from None
     except OSError as e:
         raise BadItem(f"unreadable photo ({type(e).__name__})") from None
-    except (RuntimeError, ValueError):
-        raise BadItem("corrupt or truncated image") from None
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs come as uint16
 
 
@@ -394,7 +396,10 @@ def files_fingerprint(root, paths, size, min_face):
 
 def cached_faces(cache, key, size):
     """The face cache's (faces, landmarks, names, bad) if it is for `key` and well-formed, else None.
-    Never trusted: a stale, truncated or malformed cache is rebuilt."""
+    Never trusted: a stale, truncated or malformed cache is rebuilt (and a FIFO or folder in its
+    place is not opened: reading one would hang or fail)."""
+    if not Path(cache).is_file():
+        return None
     try:
         data = torch.load(cache, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - missing, truncated or not a cache at all
@@ -415,12 +420,9 @@ def cached_faces(cache, key, size):
 
 def report_bad_items(root, bad, show=3):
     """One line per reason: how many items were skipped and the first few paths."""
-    by_reason = {}
-    for reason, path in bad:
-        by_reason.setdefault(reason, []).append(path)
-    for reason, paths in sorted(by_reason.items()):
-        more = ", ..." if len(paths) > show else ""
-        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{more}",
+    for reason, items in itertools.groupby(sorted(bad), key=lambda item: item[0]):
+        paths = [path for _, path in items]
+        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{', ...' if len(paths) > show else ''}",
               file=sys.stderr)
 
 
@@ -1089,10 +1091,9 @@ def mean_losses(pending, world):
 
 
 def kept_note(step, out_dir):
-    checkpoint = Path(out_dir) / "checkpoint.pt"
-    if step == 0:
-        return f"no checkpoint was written to {out_dir}"
-    return f"{checkpoint} (step {step}) is kept: resume it with a lower --lr"
+    """What a stopped run leaves to resume: the last checkpoint, written after `step`, if any."""
+    return (f"{Path(out_dir) / 'checkpoint.pt'} (step {step}) is kept: resume it with a lower --lr" if step
+            else f"no checkpoint was written to {out_dir}")
 
 
 @torch.no_grad()
@@ -1492,15 +1493,15 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler=None, steps=None, seed
 # Editing real faces: DDIM inversion, interpolation, inpainting
 # ----------------------------------------------------------------------------------------------
 
-def face_of_photo(photo, size):
-    """A photo and its .cat sidecar -> (aligned face uint8 (3, S, S), its landmarks)."""
-    photo, cat = Path(photo), sidecar(photo)
+def face_of_photo(photo, model):
+    """A photo and its .cat sidecar -> its face aligned at the model's size (uint8 (3, S, S)), its
+    landmarks, and them again as the condition of a landmark model (else None)."""
+    cat = sidecar(photo, required=True)
     try:
-        if cat is None:
-            raise BadItem(f"no landmarks: expected {photo.name}.cat beside it")
-        return align_face(read_photo(photo), parse_cat_file(cat), size, min_face=1)
+        face, marks = align_face(read_photo(photo), parse_cat_file(cat), model.config["image_size"], min_face=1)
     except BadItem as e:
         raise BadItem(f"{photo}: {e}") from None
+    return face, marks, marks if model.config["landmarks"] else None
 
 
 @torch.no_grad()
@@ -1849,28 +1850,17 @@ positive_int = in_range(int, 1, MAX_COUNT)
 
 
 def region_arg(text):
-    if text in REGIONS:
+    box = re.fullmatch(r"box:" + ",".join([r"(-?[0-9]+(?:\.[0-9]*)?)"] * 4), text)
+    if text in REGIONS or box and float(box[1]) < float(box[3]) and float(box[2]) < float(box[4]):
         return text
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.removeprefix("box:").split(","))
-        if text.startswith("box:") and x0 < x1 and y0 < y1:
-            return text
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"must be {', '.join(REGIONS)} or box:x0,y0,x1,y1 with x0 < x1, y0 < y1; got {text}")
 
 
 def device_arg(text):
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda") and int(text[5:] or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPUs")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use auto, cpu, cuda or cuda:N")
     return text
 
 
@@ -2006,13 +1996,6 @@ def open_model(args, *outputs):
     return model, paths
 
 
-def landmarks_of(model, photo):
-    """A photo's aligned face, its landmarks, and them again as the condition of a landmark model
-    (None for a model without landmarks)."""
-    face, marks = face_of_photo(photo, model.config["image_size"])
-    return face, marks, marks if model.config["landmarks"] else None
-
-
 def run_distill(args):
     torch.manual_seed(args.seed)
     teacher = load_model(None, args.model, pick_device(args.device))
@@ -2057,9 +2040,7 @@ def run_sample(args):
         if not model.config["landmarks"]:
             raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
                                   f"to use --landmarks/--like")
-        cat = layout if args.landmarks else sidecar(layout)
-        if cat is None:
-            raise BadItem(f"{layout}: no landmarks: expected {layout.name}.cat beside it")
+        cat = layout if args.landmarks else sidecar(layout, required=True)
         try:
             marks = align_landmarks(parse_cat_file(cat))
         except BadItem as e:
@@ -2077,7 +2058,7 @@ def run_sample(args):
 
 def run_reconstruct(args):
     model, (path,) = open_model(args, "reconstruct.png")
-    face, _, cond = landmarks_of(model, args.photo)
+    face, _, cond = face_of_photo(args.photo, model)
     x0 = to_model_range(face)[None].to(model_device(model))
     if args.invert:
         middle = invert(model, x0, args.steps, cond, args.precision)
@@ -2094,7 +2075,7 @@ def run_reconstruct(args):
 
 def run_interpolate(args):
     model, (strip, gif) = open_model(args, "interpolation.png", "interpolation.gif")
-    (face_a, _, cond_a), (face_b, _, cond_b) = (landmarks_of(model, p) for p in args.photos)
+    (face_a, _, cond_a), (face_b, _, cond_b) = (face_of_photo(p, model) for p in args.photos)
     faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
                         cond_a, cond_b)
     write_png(to_unit(faces), strip, nrow=args.frames)
@@ -2104,7 +2085,7 @@ def run_interpolate(args):
 
 def run_inpaint(args):
     model, (path,) = open_model(args, "inpaint.png")
-    face, marks, cond = landmarks_of(model, args.photo)
+    face, marks, cond = face_of_photo(args.photo, model)
     mask = region_mask(marks, model.config["image_size"], args.region)
     g = torch.Generator(model_device(model)).manual_seed(args.seed)
     x0 = to_model_range(face)
@@ -2320,15 +2301,12 @@ def start_distributed(args):
 
 
 def main(argv=None):
+    distributed, where = int(os.environ.get("WORLD_SIZE", "1")) > 1, ""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-    except CheckpointError as e:  # --resume of an unusable checkpoint
-        raise SystemExit(f"error: {e}") from None
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        start_distributed(args)
-    where = f"rank {dist.get_rank()} of {dist.get_world_size()}: " if distributed else ""
-    try:
+        if distributed:
+            start_distributed(args)
+            where = f"rank {dist.get_rank()} of {dist.get_world_size()}: "
         run = COMMANDS.get(args.command) or importlib.import_module(SATELLITES[args.command][0]).COMMANDS[args.command]
         run(args)
     except (CheckpointError, TrainingError, BadItem, Refused) as e:
@@ -2342,7 +2320,7 @@ def main(argv=None):
         traceback.print_exc()  # torchrun stops the other ranks when this one exits: say which failed
         raise SystemExit(f"error: {where}{type(e).__name__}: {e}") from None
     finally:
-        if distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
