@@ -35,6 +35,14 @@ def tiny_model(size=16, width=8, seed=0, landmarks=False):
     return cd.DiffusionModel(size, base_channels=width, landmarks=landmarks)
 
 
+def live_model(size=16, width=8, seed=0, landmarks=False):
+    """A tiny model in eval mode whose zero-initialised output layer is randomised, so that its
+    predictions are not trivially zero: for samplers, editing, distillation and the studio."""
+    model = tiny_model(size, width, seed, landmarks)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.05)
+    return model.eval()
+
+
 def distinct_model(size=16, width=8, seed=0):
     """A tiny model whose every tensor, zero-initialised layers included, is distinctive: for
     round trips that must restore each one."""

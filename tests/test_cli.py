@@ -1,5 +1,5 @@
-"""Saving and loading models, the command line (train / sample), the README's REPL snippet, and
-the training loop's resume and failure behaviour."""
+"""The command line: the default run from an empty folder, the README's REPL snippet on what it
+saved, train and sample writing their pictures, and bad arguments refused before any work."""
 import pytest
 import torch
 
@@ -7,11 +7,6 @@ import cat_diffusion as cd
 from helpers import SHARED_DATA, assert_png, distinct_model, grid_side, needs_shared, run_main
 
 FIGURES = ("loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
-
-
-# ----------------------------------------------------------------------------------------------
-# save_model / load_model
-# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,14 +150,6 @@ def test_train_command_reports_a_diverging_run_as_an_error_exit(photos, tmp_path
     assert not (tmp_path / "M.pth").exists(), "no model is saved from a diverged run"
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loop: exact resume, non-finite loss
-# ----------------------------------------------------------------------------------------------
-
-
-# 20 faces in batches of 4: 5 steps an epoch; checkpoints at steps 3, 5, 6, 9, 10, ...
-
-
 def test_train_takes_the_gpu_recipe_on_cuda_only_when_no_batch_size_is_given(capsys):
     args = cd.parse_args(["train"])
     assert args.batch_size is None and args.epochs is None and not args.compile
@@ -176,3 +163,10 @@ def test_train_takes_the_gpu_recipe_on_cuda_only_when_no_batch_size_is_given(cap
     assert "--epochs" not in capsys.readouterr().out, "a timed run has no epochs to announce"
     given = cd.parse_args(["train", "--batch-size", "64"])
     assert cd.training_recipe(given, torch.device("cuda")) == (64, False, cd.TrainConfig.epochs)
+
+
+@pytest.mark.skipif(cd.torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_device_without_a_gpu_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cd.main(["train", "--device", "cuda"])
+    assert e.value.code == 2 and "this machine has 0 CUDA GPUs" in capsys.readouterr().err

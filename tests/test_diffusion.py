@@ -8,16 +8,7 @@ import torch
 import torch.nn as nn
 
 import cat_diffusion as cd
-from helpers import gaussian_oracle
-
-
-def tiny_model(size=16, seed=0):
-    """An untrained tiny U-Net whose zero-initialised output layer is randomised, so that its
-    predictions are not trivially zero."""
-    torch.manual_seed(seed)
-    model = cd.DiffusionModel(image_size=size, base_channels=8, blocks=1)
-    nn.init.normal_(model.head[-1].weight, std=0.05)
-    return model.eval()
+from helpers import gaussian_oracle, live_model
 
 
 @pytest.mark.parametrize("sampler", list(cd.SAMPLERS))
@@ -158,7 +149,7 @@ def test_diffusion_loss_is_the_error_of_v_weighted_down_only_above_snr_5():
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 20), ("ddim", 5), ("dpm++", 5)])
 def test_each_sampler_returns_finite_images_in_range(sampler, steps):
-    model = tiny_model(16)
+    model = live_model(16)
     out = cd.sample(model, 3, sampler, steps, generator=torch.Generator().manual_seed(0),
                     precision="fp32", progress=False)
     assert out.shape == (3, 3, 16, 16)
@@ -169,7 +160,7 @@ def test_each_sampler_returns_finite_images_in_range(sampler, steps):
 
 
 def test_sampler_calls_on_step_once_per_step_with_the_final_image_last():
-    model, seen = tiny_model(16), []
+    model, seen = live_model(16), []
     out = cd.sample(model, 2, "dpm++", 4, generator=torch.Generator().manual_seed(0), precision="fp32",
                     progress=False, on_step=lambda i, x, x0: seen.append((i, x.clone())))
     assert [i for i, _ in seen] == [0, 1, 2, 3]
@@ -177,7 +168,7 @@ def test_sampler_calls_on_step_once_per_step_with_the_final_image_last():
 
 
 def test_ddim_is_deterministic_for_a_seed():
-    model = tiny_model(16)
+    model = live_model(16)
 
     def run(seed):
         return cd.sample(model, 2, "ddim", 4, generator=torch.Generator().manual_seed(seed),
@@ -190,11 +181,11 @@ def test_ddim_is_deterministic_for_a_seed():
 @pytest.mark.parametrize("steps", [3, None], ids=["steps=3", "default steps"])
 def test_unknown_sampler_name_raises_value_error(steps):
     with pytest.raises(ValueError, match="unknown sampler"):
-        cd.sample(tiny_model(16), 1, "euler", steps, precision="fp32", progress=False)
+        cd.sample(live_model(16), 1, "euler", steps, precision="fp32", progress=False)
 
 
 def test_generate_returns_cpu_images_in_unit_range_reproducibly():
-    model = tiny_model(16)
+    model = live_model(16)
     model.train()
     images = cd.generate(model, 3, steps=3, sampler="dpm++", seed=7)
     assert not model.training, "generate puts the model in eval mode"
@@ -296,3 +287,9 @@ def test_ddpm_samples_have_the_data_mean_and_std():
     z = (out.double() - oracle.mu) / oracle.s
     assert abs(z.mean().item()) < 0.05
     assert z.std().item() == pytest.approx(1, abs=0.05)
+
+
+def test_odd_widths_build_a_working_model():
+    for size, width in ((32, 3), (16, 5), (64, 7)):
+        model = cd.DiffusionModel(size, base_channels=width)
+        assert model(torch.randn(2, 3, size, size), torch.tensor([1, 500])).shape == (2, 3, size, size)

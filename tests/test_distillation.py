@@ -7,7 +7,7 @@ import torch
 
 import cat_diffusion as cd
 import cat_eval as ce
-from helpers import TinyFaces, assert_same_weights, gaussian_oracle, tiny_model
+from helpers import TinyFaces, assert_same_weights, gaussian_oracle, live_model, tiny_model
 
 TINY = ["--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--epochs", "1"]
 
@@ -94,20 +94,14 @@ def distill_config(**changes):
                                     device="cpu", precision="fp32", checkpoint_every=3), **changes})
 
 
-def teacher_model():
-    teacher = tiny_model()
-    torch.nn.init.normal_(teacher.head[-1].weight, std=0.05)  # not a zero output
-    return teacher.eval()
-
-
 def test_distillation_lowers_the_students_loss(tmp_path):
-    data, teacher = TinyFaces(), teacher_model()
+    data, teacher = TinyFaces(), live_model()
     objective = cd.distillation_loss(teacher, 2, None, 1.0)
     g = torch.Generator().manual_seed(5)
     x0 = cd.to_model_range(data.faces)
     t, eps = cd.draw_noise(x0, g)
     before = objective(teacher, x0, t, eps, cd.ALPHA_BAR).item()
-    student = cd.distill(teacher_model(), data, 2, distill_config(epochs=6, lr=3e-3), tmp_path)
+    student = cd.distill(live_model(), data, 2, distill_config(epochs=6, lr=3e-3), tmp_path)
     after = objective(student, x0, t, eps, cd.ALPHA_BAR).item()
     assert student.config["student_steps"] == 2 and after < 0.8 * before
 
@@ -115,7 +109,7 @@ def test_distillation_lowers_the_students_loss(tmp_path):
 @pytest.mark.parametrize("interrupt", [6, 12], ids=["killed in the first epoch", "killed in the second epoch"])
 def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, interrupt):
     data, cfg = TinyFaces(), distill_config()  # 2 epochs of 5 steps
-    teacher = teacher_model()
+    teacher = live_model()
     whole = cd.distill(teacher, data, 2, cfg, tmp_path / "a")
     real, calls = cd.teacher_target, [0]
 
@@ -203,8 +197,7 @@ def test_distill_resume_refuses_another_teacher(distilled, photos, tmp_path):
 
 
 def test_a_landmark_model_distils_with_its_guidance_built_in(tmp_path):
-    teacher = tiny_model(landmarks=True)
-    torch.nn.init.normal_(teacher.head[-1].weight, std=0.05)
+    teacher = live_model(landmarks=True)
     data = TinyFaces()
     z = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     marks = data.landmarks[:4]

@@ -6,19 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import cat_diffusion as cd
 import cat_eval as ce
-from helpers import GaussianOracle, gaussian_oracle, run_main
-
-
-def tiny_landmark_model(size=16, seed=0):
-    """An untrained tiny landmark model whose zero-initialised output layer is randomised."""
-    torch.manual_seed(seed)
-    model = cd.DiffusionModel(image_size=size, base_channels=8, landmarks=True)
-    nn.init.normal_(model.head[-1].weight, std=0.05)
-    return model.eval()
+from helpers import GaussianOracle, gaussian_oracle, live_model, run_main
 
 
 def layout(n=1, seed=0):
@@ -77,7 +68,7 @@ def test_region_masks_cover_their_landmarks_and_nothing_far_away():
 # ----------------------------------------------------------------------------------------------
 
 def test_landmark_model_samples_with_and_without_landmarks_reproducibly():
-    model = tiny_landmark_model()
+    model = live_model(landmarks=True)
     marks = layout(4)
 
     def run(landmarks, seed=0):
@@ -96,7 +87,7 @@ def test_landmark_model_samples_with_and_without_landmarks_reproducibly():
 
 
 def test_classifier_free_guidance_extrapolates_from_unconditional_to_conditional():
-    model = tiny_landmark_model()
+    model = live_model(landmarks=True)
     x, t, ab = torch.randn(3, 3, 16, 16), torch.tensor(600), cd.ALPHA_BAR[600]
     marks = layout(3)
     with torch.no_grad():
@@ -175,7 +166,7 @@ def test_slerp_keeps_the_norm_of_noise_images():
 
 
 def test_inpainting_preserves_unmasked_pixels_exactly_and_regenerates_the_rest():
-    model = tiny_landmark_model()
+    model = live_model(landmarks=True)
     face = cd.to_model_range(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8))
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[4:10, 3:12] = True

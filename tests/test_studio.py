@@ -17,13 +17,7 @@ from PIL import Image
 
 import cat_diffusion as cd
 import cat_studio as cs
-from helpers import tiny_model
-
-
-def studio_model(landmarks=True):
-    model = tiny_model(landmarks=landmarks)
-    torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # not a zero output
-    return model.eval()
+from helpers import live_model
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def layouts():
 
 @pytest.fixture(scope="module")
 def url(layouts):
-    server = cs.serve(studio_model(), layouts, port=0)
+    server = cs.serve(live_model(landmarks=True), layouts, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -184,7 +178,7 @@ def test_a_failing_request_is_answered_and_the_server_stays_up(url, monkeypatch)
 
 def test_a_busy_model_answers_503_after_the_wait(url, monkeypatch):
     monkeypatch.setitem(cs.STUDIO_LIMITS, "wait_seconds", 0.1)
-    studio = cs.Studio(studio_model())
+    studio = cs.Studio(live_model(landmarks=True))
     with studio.lock:
         with pytest.raises(cs.ApiError) as e:
             studio.generate(CAT)
@@ -192,7 +186,7 @@ def test_a_busy_model_answers_503_after_the_wait(url, monkeypatch):
 
 
 def test_a_model_without_landmarks_samples_unconditionally_and_hides_the_editor():
-    studio = cs.Studio(studio_model(landmarks=False))
+    studio = cs.Studio(live_model())
     assert studio.info()["landmarks"] is False and studio.info()["random_layout"] is False
     images = decode(studio.generate(dict(CAT, landmarks=[[9, 9]] * 9))["images"])  # landmarks are not read
     assert images.shape == (4, 3, 16, 16)
@@ -208,8 +202,8 @@ def test_training_with_landmarks_stores_layouts_that_serve_reads(tmp_path, photo
 
 
 def test_serve_on_a_taken_port_fails_in_one_line(tmp_path):
-    cd.save_model(studio_model(), tmp_path / "M")
-    server = cs.serve(studio_model(), port=0)
+    cd.save_model(live_model(landmarks=True), tmp_path / "M")
+    server = cs.serve(live_model(landmarks=True), port=0)
     try:
         with pytest.raises(SystemExit) as e:
             cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", str(server.server_address[1])])
@@ -219,7 +213,7 @@ def test_serve_on_a_taken_port_fails_in_one_line(tmp_path):
 
 
 def test_ctrl_c_stops_serve_cleanly(tmp_path, monkeypatch, capsys):
-    cd.save_model(studio_model(), tmp_path / "M")
+    cd.save_model(live_model(landmarks=True), tmp_path / "M")
 
     def interrupted(self, poll_interval=0.5):
         raise KeyboardInterrupt
@@ -299,7 +293,7 @@ def test_layout_fields_are_optional_and_a_bad_covariance_disables_random_layouts
     status, answer = call(url, "/api/layout", {})
     assert status == 200 and len(answer["landmarks"]) == len(cd.LANDMARKS)
     broken = dict(layouts, cov=-torch.eye(18))
-    studio = cs.Studio(studio_model(), broken)
+    studio = cs.Studio(live_model(landmarks=True), broken)
     assert studio.info()["random_layout"] is False
     with pytest.raises(cs.ApiError) as e:
         studio.layout({})

@@ -4,11 +4,9 @@ import shutil
 import threading
 
 import pytest
-import torch
 
-import cat_diffusion as cd
 import cat_studio as cs
-from helpers import tiny_model
+from helpers import live_model
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -33,9 +31,7 @@ def browser():
 
 
 def test_the_page_drags_a_landmark_and_generates_n_cats(browser, tmp_path):
-    model = tiny_model(landmarks=True)
-    torch.nn.init.normal_(model.head[-1].weight, std=0.05)
-    server = cs.serve(model, port=0)
+    server = cs.serve(live_model(landmarks=True), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")

@@ -1,5 +1,6 @@
 """The training loop: a resumed run equals an uninterrupted one, a new learning rate applies on
-resume, and a loss that blows up stops the run with a checkpoint that is still good."""
+resume, a loss that blows up stops the run with a checkpoint that is still good, and gradient
+accumulation and torch.compile learn the weights of the plain loop."""
 import pytest
 import torch
 
@@ -224,3 +225,40 @@ def test_the_ema_decays_by_min_of_its_cap_and_one_plus_n_over_k_plus_n(k):
         d = min(0.6, (1 + n) / (k + n))  # AveragedModel copies the first update; n updates averaged before
         expected = value if n == 0 else d * expected + (1 - d) * value
         assert ema.module.weight.item() == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation and torch.compile: the same weights as the plain loop
+# ----------------------------------------------------------------------------------------------
+
+def test_gradient_accumulation_gives_the_weights_of_one_big_batch(photos, tmp_path):
+    data = cd.CatDataset(photos, 16, quiet=True)
+    results = []
+    for k in (1, 4):
+        torch.manual_seed(0)
+        model = cd.DiffusionModel(16, 8)
+        cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", device="cpu", grad_accum=k,
+                             checkpoint_every=1000)
+        cd.train(model, data, cfg, tmp_path / f"k{k}")
+        results.append(model.state_dict())
+    assert_same_weights(*results, atol=2e-5)
+
+
+def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path):
+    """torch.compile (about a minute of compiling on a CPU) must not change what is learned."""
+    data = cd.CatDataset(photos, 16, quiet=True)
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = cd.DiffusionModel(16, 8)
+        cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile,
+                             checkpoint_every=1000)
+        cd.train(model, data, cfg, tmp_path / str(compile))
+        results.append(model.state_dict())
+    assert_same_weights(*results, atol=1e-6)
+
+
+def test_batch_that_does_not_split_into_micro_batches_is_an_error(photos, tmp_path):
+    data = cd.CatDataset(photos, 16, quiet=True)
+    with pytest.raises(cd.TrainingError, match="does not split"):
+        cd.train(cd.DiffusionModel(16, 8), data, cd.TrainConfig(batch_size=8, grad_accum=3, device="cpu"), tmp_path)
