@@ -133,6 +133,8 @@ def claim_outputs(paths, overwrite=False, ours=None, hint="pass --overwrite to r
             raise Refused(f"{existing} is a file, so {path} cannot be written")
         if path.is_dir():
             raise Refused(f"{path} is a folder, not a file")
+        if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+            raise Refused(f"{path} cannot be written: {existing if existing.is_dir() else existing.parent} is read-only")
         if path.exists() and not overwrite and ours.get(str(path.resolve())) != file_digest(path):
             raise Refused(f"{path} already exists; {hint}")
 
@@ -247,11 +249,12 @@ def find_annotated_photos(root):
     sidecar; photos whose names are not valid UTF-8 (no name can be printed or stored for them).
     """
     pairs, missing, unnamed = [], [], []
+    root = Path(root)
     for photo in sorted(walk_files(root)):
         if photo.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         try:
-            str(photo).encode()
+            str(photo.relative_to(root)).encode()  # the name kept for it; the folder's own may be anything
         except UnicodeEncodeError:
             unnamed.append(photo)
             continue
@@ -1792,7 +1795,8 @@ def check_student_steps(teacher, steps):
     native = teacher.config["student_steps"]
     if native and (steps >= native or native % steps):
         choices = ", ".join(str(d) for d in range(1, native) if native % d == 0)
-        raise ValueError(f"samples in {native} steps, so it distils into {choices} steps, not {steps}")
+        raise ValueError(f"samples in {native} steps, so it distils into {choices} steps, not {steps}" if choices
+                         else "samples in 1 step already: it distils no further")
     if not 1 <= steps <= STUDENT_MAX:
         raise ValueError(f"a student takes 1 to {STUDENT_MAX} steps, not {steps}")
 
@@ -2301,6 +2305,8 @@ def start_distributed(args):
 
 
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, not as a crash
+        getattr(stream, "reconfigure", lambda **_: None)(errors="backslashreplace")
     distributed, where = int(os.environ.get("WORLD_SIZE", "1")) > 1, ""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)

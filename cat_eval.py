@@ -289,7 +289,11 @@ def run_eval(args):
     if args.json:
         claim_outputs([args.json], args.overwrite)
     model = load_model(None, args.model, pick_device(args.device))
-    size = model.config["image_size"]
+    size, net = model.config["image_size"], None
+    if args.landmark_net:  # every input is opened before the work
+        if not model.config["landmarks"]:
+            raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
+        net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
     train_set = CatDataset(args.data, size, split="train", quiet=True)
     val_set = CatDataset(args.data, size, split="val", quiet=True)
     if len(val_set) == 0 or len(train_set) < min(args.n, len(val_set)):
@@ -304,10 +308,7 @@ def run_eval(args):
     print(f"{'  real vs real (floor)':<22}" + "".join(f"{v:10.2f}" for v in r["floor"]) + f"{r['floor_mean']:10.2f}")
     print(f"SWD / floor: {r['swd_mean'] / r['floor_mean']:.2f}    memorisation ratio (nearest training "
           f"face, samples / held-out real; well below 1 = copying): {r['memorisation']:.3f}")
-    if args.landmark_net:
-        if not model.config["landmarks"]:
-            raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
-        net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
+    if net is not None:
         r["landmarks"] = lm = evaluate_landmarks(model, net, val_set.faces, val_set.landmarks, args.n, args.sampler,
                                                  args.steps, guidance_of(model, args.guidance), args.seed)
         print(f"landmark error (mean px at {size}px, {lm['n']} faces, {args.landmark_net}): real faces "

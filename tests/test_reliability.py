@@ -251,6 +251,22 @@ def test_hostile_trees_load_and_report_each_bad_item(tmp_path, capsys, monkeypat
     assert "Traceback" not in err and "caf\\xe9_000.jpg" in err
 
 
+def test_a_data_folder_whose_own_name_is_not_utf8_trains_and_prints(tmp_path):
+    """The folder's own name may be any bytes (only the names kept for photos must be UTF-8), and a
+    strict UTF-8 terminal gets it escaped instead of a UnicodeEncodeError after the model is saved."""
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))  # the bytes as Python holds them
+    shutil.copytree(cd.write_synthetic_dataset(tmp_path / "cats", count=8, seed=0), folder)
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict", XDG_CACHE_HOME=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env.pop("DISPLAY", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "cat_diffusion.py"), "train", "--data", str(folder), *TINY[:1], "1",
+                           *TINY[2:], "--out", str(tmp_path / "out"), "--name", str(tmp_path / "M")],
+                          env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert (tmp_path / "M.pth").is_file() and (tmp_path / "out" / "samples.png").is_file()
+    assert b"caf\\xe9" in proc.stdout + proc.stderr
+
+
 def guarded(decode):
     """decode_image that fails the test if asked to decode more than 10 M pixels."""
     def decode_small(data, *args, **kwargs):

@@ -30,7 +30,7 @@ def browser():
     driver.quit()
 
 
-def test_the_page_drags_a_landmark_and_generates_n_cats(browser, tmp_path):
+def test_the_page_drags_a_landmark_and_generates_n_cats_at_twice_their_size(browser, tmp_path):
     server = cs.serve(live_model(landmarks=True), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -56,6 +56,11 @@ def test_the_page_drags_a_landmark_and_generates_n_cats(browser, tmp_path):
             "const imgs = [...document.querySelectorAll('#grid img')];"
             "return imgs.length === 5 && imgs.every((im) => im.complete && im.naturalWidth === 16)"))
         assert "/api/generate" in browser.find_element(By.ID, "status").text
+        # cats at twice their pixel size; the region buttons and landmark names come from /api/info
+        assert browser.execute_script("return document.querySelector('#grid img').clientWidth") == 32
+        assert browser.execute_script("return [...document.querySelectorAll('#regions button')]"
+                                      ".map((b) => b.textContent)") == list(cs.REGIONS)
+        assert browser.execute_script("return window.studio.info.names") == list(cs.LANDMARKS)
         assert browser.find_element(By.ID, "error").text == ""
         browser.save_screenshot(str(tmp_path / "studio.png"))
         assert (tmp_path / "studio.png").stat().st_size > 1000

@@ -222,6 +222,13 @@ CASES = [
     ("--width beyond the model's limit", lambda t, r, p: ["train", "--width", "100000"], "argument --width"),
     ("--image-size beyond the model's limit", lambda t, r, p: ["train", "--image-size", "100000"], "argument --image-size"),
     ("--blocks beyond the model's limit", lambda t, r, p: ["train", "--blocks", "1000"], "argument --blocks"),
+    ("eval --landmark-net with a model without landmarks (refused before the evaluation)",
+     lambda t, r, p: ["eval", "--model", str(r / "M.pth"), "--data", str(p), "--landmark-net", str(r / "M.pth")],
+     "trained without landmarks"),
+    ("distilling a 1-step student",
+     lambda t, r, p: ["distill", "--model", str(cd.save_model(cd.DiffusionModel(16, 8, student_steps=1), t / "S1")),
+                      "--data", str(p), "--steps", "1", "--out", str(t / "o"), "--name", str(t / "S0")],
+     "samples in 1 step already: it distils no further"),
     ("a train checkpoint given to distill --resume",
      lambda t, r, p: ["distill", "--resume", str(r / "checkpoint.pt")], "a checkpoint of a train run"),
     ("unknown device", lambda t, r, p: ["train", "--device", "bogus"], "argument --device"),
@@ -298,6 +305,17 @@ def test_resume_refuses_a_model_file_that_another_run_replaced(finished_run, pho
     assert (run / "M.pth").read_bytes() == b_model
     cd.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3", "--overwrite"])
     assert (run / "M.pth").read_bytes() != b_model
+
+
+def test_an_unwritable_model_file_is_found_before_training(photos, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = cd.os.access
+    monkeypatch.setattr(cd.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    monkeypatch.setattr(cd, "train", lambda *a, **k: pytest.fail("trained before finding the model file unwritable"))
+    with pytest.raises(SystemExit) as e:
+        cd.main(["train", "--data", str(photos), "--out", str(tmp_path / "o"), "--name", str(locked / "M"), *TINY])
+    assert "M.pth cannot be written" in str(e.value) and "read-only" in str(e.value)
 
 
 def test_an_os_error_names_its_file(monkeypatch, tmp_path):
