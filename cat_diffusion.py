@@ -82,13 +82,12 @@ class Refused(Exception):
 
 def fsync_folder(folder):
     """Make a rename in `folder` durable (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path, write):
@@ -896,13 +895,8 @@ def cpu_has_fast_bf16():
 
 def autocast_dtype(device, precision="auto"):
     """bf16 where the hardware runs it fast (or when forced), else None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
-        device.type == "cpu" and cpu_has_fast_bf16()
-    return torch.bfloat16 if fast else None
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_fast_bf16()
+    return torch.bfloat16 if precision == "bf16" or precision == "auto" and fast else None
 
 
 def autocast(device, dtype):
@@ -1636,9 +1630,9 @@ def save_model(model, name, layouts=None):
 def stored_layouts(name):
     """The landmark layouts a model file keeps (see `layout_stats`), or None."""
     layouts = read_checkpoint(model_path(name)).get("layouts")
+    shapes = {"mean": (K, 2), "cov": (2 * K, 2 * K)}
     ok = isinstance(layouts, dict) and all(torch.is_tensor(layouts.get(k)) and layouts[k].shape == shape and
-                                           torch.isfinite(layouts[k]).all() for k, shape in (("mean", (K, 2)),
-                                                                                             ("cov", (2 * K, 2 * K))))
+                                           torch.isfinite(layouts[k]).all() for k, shape in shapes.items())
     return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
 
 
