@@ -170,3 +170,19 @@ def test_cuda_device_without_a_gpu_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         cd.main(["train", "--device", "cuda"])
     assert e.value.code == 2 and "this machine has 0 CUDA GPUs" in capsys.readouterr().err
+
+
+def test_training_options_take_their_defaults_from_train_config():
+    """One place for each hyper-parameter: an option named after a TrainConfig field defaults to
+    that field (or to None where the recipe decides), and the config is built from the options."""
+    fields = {f.name: f.default for f in cd.dataclasses.fields(cd.TrainConfig)}
+    train = cd.build_parser("train").commands["train"]
+    shared = [a for a in train._actions if a.dest in fields]
+    assert {a.dest for a in shared} >= {"epochs", "minutes", "batch_size", "lr", "warmup_steps", "ema_decay",
+                                        "augment", "seed", "device", "precision", "checkpoint_every", "grad_accum",
+                                        "compile"}
+    for action in shared:
+        assert action.default in (fields[action.dest], None), action.dest
+    args = cd.parse_args(["train", "--lr", "0.001", "--no-flip", "--grad-accum", "2", "--batch-size", "8"])
+    cfg = cd.config_of(args)
+    assert (cfg.lr, cfg.augment, cfg.grad_accum, cfg.batch_size, cfg.betas) == (0.001, False, 2, 8, (0.9, 0.99))
