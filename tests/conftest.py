@@ -1,3 +1,4 @@
+"""Fixtures for every test: one torch thread, a private face cache and no window; tiny synthetic photo folders."""
 import sys
 from pathlib import Path
 

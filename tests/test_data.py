@@ -1,4 +1,9 @@
+"""Data: .cat files parsed strictly, faces aligned the established way with their landmarks (also
+under rotation and flips), the split by photo id, the face cache (reused, rebuilt, never trusted),
+and messy folders reported one reason at a time."""
 import math
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +228,20 @@ def test_cache_is_rebuilt_when_its_inputs_change(cat_folder, monkeypatch, change
     ds = cd.CatDataset(cat_folder, size, **kwargs)
     assert calls == [len(cd.find_annotated_photos(cat_folder)[0])]
     assert len(ds) == {"added": 13, "removed": 11}.get(change, 12)
+
+
+def test_a_fifo_in_the_caches_place_is_not_opened(cat_folder, private_cache):
+    """Reading a FIFO blocks until someone writes to it: the cache must be a regular file."""
+    good = cd.CatDataset(cat_folder, S)
+    (cache,) = private_cache.iterdir()
+    cache.unlink()
+    os.mkfifo(cache)
+    loaded = []
+    worker = threading.Thread(target=lambda: loaded.append(cd.CatDataset(cat_folder, S)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert loaded and torch.equal(loaded[0].faces, good.faces), "loading hung on the FIFO"
+    assert cache.is_file()  # rebuilt in its place
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong contents", "wrong dtype",

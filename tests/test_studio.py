@@ -222,6 +222,8 @@ def test_ctrl_c_stops_serve_cleanly(tmp_path, monkeypatch, capsys):
     cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", "0"])
     out = capsys.readouterr().out
     assert "cat studio for" in out and "http://127.0.0.1:" in out and out.rstrip().endswith("stopped")
+    cd.main(["serve", "--model", str(tmp_path / "M.pth"), "--port", "0", "--host", "0.0.0.0"])
+    assert "anyone who can reach this computer" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
