@@ -4,21 +4,22 @@
     python cat_diffusion.py --minutes 30        # train for a time instead of 50 epochs
     python cat_diffusion.py --resume            # continue outputs/checkpoint.pt's run
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
-    python cat_diffusion.py eval --data DIR     # sample quality against held-out faces
+    python cat_diffusion.py eval --data DIR     # sample quality against held-out faces (cat_eval.py)
     python cat_diffusion.py train --landmarks   # also conditioned on the 9 landmarks; then
     python cat_diffusion.py sample --like PHOTO # cats with that photo's face layout
     python cat_diffusion.py reconstruct|interpolate|inpaint PHOTO ...   # edit real faces
     python cat_diffusion.py distill --steps 4   # a student of DiffusionModel.pth that samples in 4 steps
-    python cat_diffusion.py serve               # a web page: pose the landmarks, generate, edit
-    python cat_diffusion.py bench               # training and sampling speed
+    python cat_diffusion.py serve               # a web page: pose the landmarks, generate, edit (cat_studio.py)
+    python cat_diffusion.py bench               # training and sampling speed (cat_eval.py)
     torchrun --nproc-per-node=N cat_diffusion.py train ...              # several GPUs or machines
 
     >>> from cat_diffusion import DiffusionModel, load_model
     >>> loaded_model = load_model(DiffusionModel(), "DiffusionModel")
 
 Nothing that exists is replaced unless asked (--overwrite). Sections, in data-flow order: files ->
-data -> models -> diffusion -> devices -> training -> sampling and plots -> editing -> evaluation ->
-benchmark -> save/load -> distillation -> studio -> command line.
+data -> model -> diffusion -> devices -> training -> sampling and plots -> editing -> save/load ->
+distillation -> command line. What only consumes a trained model lives beside this file, imported
+when its command runs: cat_eval.py (eval, fit-landmarks, bench) and cat_studio.py (serve).
 """
 import argparse
 import contextlib

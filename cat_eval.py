@@ -25,6 +25,86 @@ from cat_diffusion import (ALPHA_BAR, K, SAMPLERS, CatDataset, CheckpointError, 
                            make_batch, model_device, model_path, pick_device, sample, sampler_of, save_model,
                            to_model_range)
 
+
+# ----------------------------------------------------------------------------------------------
+# Sample quality: sliced Wasserstein distance of Laplacian-pyramid patches; memorisation
+# ----------------------------------------------------------------------------------------------
+
+def laplacian_pyramid(images, levels):
+    """Band-pass levels, finest first, and the coarsest Gaussian level last (Burt & Adelson 1983),
+    with the 5-tap binomial filter used by Karras et al. 2018."""
+    k = torch.tensor([1.0, 4, 6, 4, 1])
+    kernel = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5).to(images)
+    pyramid, g = [], images
+    for _ in range(levels - 1):
+        small = F.conv2d(F.pad(g, (2, 2, 2, 2), mode="reflect"), kernel, stride=2, groups=3)
+        up = F.conv_transpose2d(small, 4 * kernel, stride=2, padding=2, output_padding=1, groups=3)
+        pyramid.append(g - up)
+        g = small
+    return pyramid + [g]
+
+
+def patch_descriptors(level, per_image, generator):
+    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D).
+    Patches are gathered at their positions, not unfolded everywhere: 1,000 images' metrics in seconds."""
+    n, c, h, w = level.shape
+    y = torch.randint(0, h - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)[:, None]
+    x = torch.randint(0, w - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)
+    desc = level.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None, None], y, x]  # (n, per_image, 7, 7, c)
+    desc = desc.permute(0, 1, 4, 2, 3).reshape(-1, c, 49)
+    desc = (desc - desc.mean((0, 2), keepdim=True)) / desc.std((0, 2), keepdim=True).clamp_min(1e-8)
+    return desc.flatten(1)
+
+
+def sliced_wasserstein(a, b, generator, projections=512):
+    """Mean over random unit directions of the 1-D Wasserstein distance between projections
+    (projections sorted along rows: sorting is the cost)."""
+    dirs = F.normalize(torch.randn(projections, a.shape[1], generator=generator), dim=1)
+    pa, pb = (dirs @ a.T).sort(1).values, (dirs @ b.T).sort(1).values
+    return (pa - pb).abs().mean().item()
+
+
+def swd(images_a, images_b, seed=0, per_image=128, min_size=16):
+    """SWD x 1e3 per pyramid level (finest first) between two equal-size sets in [-1, 1]
+    (Karras et al. 2018, "Progressive Growing of GANs", appendix D)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = int(math.log2(images_a.shape[-1] // min_size)) + 1
+    pyr_a, pyr_b = laplacian_pyramid(images_a.float().cpu(), levels), laplacian_pyramid(images_b.float().cpu(), levels)
+    return [1e3 * sliced_wasserstein(patch_descriptors(la, per_image, g), patch_descriptors(lb, per_image, g), g)
+            for la, lb in zip(pyr_a, pyr_b)]
+
+
+def nearest_distance(queries, references, size=32):
+    """Mean L2 distance from each query to its nearest reference, at `size` px."""
+    def flat(x):
+        return F.interpolate(x.float().cpu(), size=size, mode="area").flatten(1)
+    q, r = flat(queries), flat(references)
+    return torch.cat([torch.cdist(chunk, r).min(1).values for chunk in q.split(256)]).mean().item()
+
+
+def sample_quality(samples, train_faces, val_faces, seed=0):
+    """How close `samples` ([-1, 1]) come to held-out faces: SWD per level, the real-vs-real floor,
+    memorisation. Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size
+    m = min(len(samples), len(val)): the floor compares the validation faces with as many training faces."""
+    m = min(len(samples), len(val_faces))
+    if len(train_faces) < m:
+        raise ValueError(f"need at least {m} training faces for the real-vs-real floor")
+    val, train = to_model_range(val_faces[:m]), to_model_range(train_faces)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:m]
+    fake, floor = swd(samples[:m], val, seed), swd(train[order], val, seed)
+    memorisation = nearest_distance(samples, train) / nearest_distance(val, train)
+    return dict(n=len(samples), m=m, swd=fake, swd_mean=sum(fake) / len(fake), floor=floor,
+                floor_mean=sum(floor) / len(floor), memorisation=memorisation)
+
+
+def evaluate(model, train_faces, val_faces, n=1000, sampler=None, steps=None, seed=0):
+    """`sample_quality` of `n` samples of `model`."""
+    g = torch.Generator(model_device(model)).manual_seed(seed)
+    samples = sample(model, n, sampler, steps, generator=g).cpu()
+    sampler, steps = sampler_of(model, sampler, steps)
+    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler, steps=steps)
+
+
 # ----------------------------------------------------------------------------------------------
 # The landmark finder: judges whether landmark-guided samples follow their landmarks
 # ----------------------------------------------------------------------------------------------
@@ -111,83 +191,6 @@ def evaluate_landmarks(model, net, val_faces, val_landmarks, n=256, sampler=None
                 unconditional=landmark_error(net, unconditional, marks),
                 swd_conditioned=sum(swd_conditioned) / len(swd_conditioned))
 
-# ----------------------------------------------------------------------------------------------
-# Sample quality: sliced Wasserstein distance of Laplacian-pyramid patches; memorisation
-# ----------------------------------------------------------------------------------------------
-
-def laplacian_pyramid(images, levels):
-    """Band-pass levels, finest first, and the coarsest Gaussian level last (Burt & Adelson 1983),
-    with the 5-tap binomial filter used by Karras et al. 2018."""
-    k = torch.tensor([1.0, 4, 6, 4, 1])
-    kernel = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5).to(images)
-    pyramid, g = [], images
-    for _ in range(levels - 1):
-        small = F.conv2d(F.pad(g, (2, 2, 2, 2), mode="reflect"), kernel, stride=2, groups=3)
-        up = F.conv_transpose2d(small, 4 * kernel, stride=2, padding=2, output_padding=1, groups=3)
-        pyramid.append(g - up)
-        g = small
-    return pyramid + [g]
-
-
-def patch_descriptors(level, per_image, generator):
-    """`per_image` random 7x7 patches per image, each channel normalised over the set (appendix D).
-    Patches are gathered at their positions, not unfolded everywhere: 1,000 images' metrics in seconds."""
-    n, c, h, w = level.shape
-    y = torch.randint(0, h - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)[:, None]
-    x = torch.randint(0, w - 6, (n, per_image, 1, 1), generator=generator) + torch.arange(7)
-    desc = level.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None, None], y, x]  # (n, per_image, 7, 7, c)
-    desc = desc.permute(0, 1, 4, 2, 3).reshape(-1, c, 49)
-    desc = (desc - desc.mean((0, 2), keepdim=True)) / desc.std((0, 2), keepdim=True).clamp_min(1e-8)
-    return desc.flatten(1)
-
-
-def sliced_wasserstein(a, b, generator, projections=512):
-    """Mean over random unit directions of the 1-D Wasserstein distance between projections
-    (projections sorted along rows: sorting is the cost)."""
-    dirs = F.normalize(torch.randn(projections, a.shape[1], generator=generator), dim=1)
-    pa, pb = (dirs @ a.T).sort(1).values, (dirs @ b.T).sort(1).values
-    return (pa - pb).abs().mean().item()
-
-
-def swd(images_a, images_b, seed=0, per_image=128, min_size=16):
-    """SWD x 1e3 per pyramid level (finest first) between two equal-size sets in [-1, 1]
-    (Karras et al. 2018, "Progressive Growing of GANs", appendix D)."""
-    g = torch.Generator().manual_seed(seed)
-    levels = int(math.log2(images_a.shape[-1] // min_size)) + 1
-    pyr_a, pyr_b = laplacian_pyramid(images_a.float().cpu(), levels), laplacian_pyramid(images_b.float().cpu(), levels)
-    return [1e3 * sliced_wasserstein(patch_descriptors(la, per_image, g), patch_descriptors(lb, per_image, g), g)
-            for la, lb in zip(pyr_a, pyr_b)]
-
-
-def nearest_distance(queries, references, size=32):
-    """Mean L2 distance from each query to its nearest reference, at `size` px."""
-    def flat(x):
-        return F.interpolate(x.float().cpu(), size=size, mode="area").flatten(1)
-    q, r = flat(queries), flat(references)
-    return torch.cat([torch.cdist(chunk, r).min(1).values for chunk in q.split(256)]).mean().item()
-
-
-def sample_quality(samples, train_faces, val_faces, seed=0):
-    """How close `samples` ([-1, 1]) come to held-out faces: SWD per level, the real-vs-real floor,
-    memorisation. Faces are uint8 (N, 3, S, S). Samples and real sets are cut to one size
-    m = min(len(samples), len(val)): the floor compares the validation faces with as many training faces."""
-    m = min(len(samples), len(val_faces))
-    if len(train_faces) < m:
-        raise ValueError(f"need at least {m} training faces for the real-vs-real floor")
-    val, train = to_model_range(val_faces[:m]), to_model_range(train_faces)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:m]
-    fake, floor = swd(samples[:m], val, seed), swd(train[order], val, seed)
-    memorisation = nearest_distance(samples, train) / nearest_distance(val, train)
-    return dict(n=len(samples), m=m, swd=fake, swd_mean=sum(fake) / len(fake), floor=floor,
-                floor_mean=sum(floor) / len(floor), memorisation=memorisation)
-
-
-def evaluate(model, train_faces, val_faces, n=1000, sampler=None, steps=None, seed=0):
-    """`sample_quality` of `n` samples of `model`."""
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    samples = sample(model, n, sampler, steps, generator=g).cpu()
-    sampler, steps = sampler_of(model, sampler, steps)
-    return dict(sample_quality(samples, train_faces, val_faces, seed), sampler=sampler, steps=steps)
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: throughput, FLOPs, utilisation of the measured peak, memory
@@ -276,6 +279,7 @@ def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=
         peak_tflops=peak, utilisation=achieved / peak["bf16" if dtype else "fp32"],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         torch=torch.__version__, threads=torch.get_num_threads(), compiled=compile)
+
 
 # ----------------------------------------------------------------------------------------------
 # Commands: eval, fit-landmarks, bench
