@@ -135,7 +135,8 @@ def claim_outputs(paths, overwrite=False, ours=None, hint="pass --overwrite to r
             raise Refused(f"{path} is a folder, not a file")
         if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
             raise Refused(f"{path} cannot be written: {existing if existing.is_dir() else existing.parent} is read-only")
-        if path.exists() and not overwrite and ours.get(str(path.resolve())) != file_digest(path):
+        # a file is the run's own while its digest is the recorded one (only those files are read)
+        if path.exists() and not overwrite and ours.get(key := str(path.resolve())) != (key in ours and file_digest(path)):
             raise Refused(f"{path} already exists; {hint}")
 
 
@@ -1261,7 +1262,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
 
 SAMPLERS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "student": 4}  # name -> default number of steps (a student: its own)
 MAX_GUIDANCE = 10.0  # beyond it samples saturate; the studio's slider and API stop here too
-GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (README)
+GUIDANCE = 1.5  # classifier-free guidance for landmark models: the least that keeps landmark error <= 1.5x real (RESULTS.md)
 
 
 def guidance_of(model, guidance=None):
