@@ -1,4 +1,5 @@
 """Helpers shared by the tests: paths, tiny models and data, file checks, an oracle denoiser."""
+import os
 import zlib
 from pathlib import Path
 
@@ -63,6 +64,14 @@ class TinyFaces:
 
     def __len__(self):
         return len(self.faces)
+
+
+def script_env(cache, **extra):
+    """The environment of a test's `python cat_diffusion.py` subprocess: its own face cache, one
+    torch thread, no window."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg", **extra)
+    env.pop("DISPLAY", None)
+    return env
 
 
 def run_main(argv, cache, cwd=None):

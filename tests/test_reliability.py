@@ -17,7 +17,7 @@ import torch
 
 import cat_diffusion as cd
 import cat_eval as ce
-from helpers import ROOT, png_header
+from helpers import ROOT, png_header, script_env
 
 TINY = ["--epochs", "4", "--image-size", "16", "--width", "8", "--batch-size", "4",
         "--checkpoint-every", "1", "--precision", "fp32", "--seed", "3"]
@@ -36,9 +36,7 @@ cat_diffusion.main(sys.argv[1:])
 def run_training(data, out, cache, *extra, wait=True):
     cmd = [sys.executable, "-c", HARNESS, str(ROOT), "train", "--data", str(data), "--out", str(out),
            "--name", str(out / "Model"), *TINY, *extra]
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    env.pop("DISPLAY", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=script_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
@@ -256,9 +254,7 @@ def test_a_data_folder_whose_own_name_is_not_utf8_trains_and_prints(tmp_path):
     strict UTF-8 terminal gets it escaped instead of a UnicodeEncodeError after the model is saved."""
     folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))  # the bytes as Python holds them
     shutil.copytree(cd.write_synthetic_dataset(tmp_path / "cats", count=8, seed=0), folder)
-    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict", XDG_CACHE_HOME=str(tmp_path / "cache"),
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    env.pop("DISPLAY", None)
+    env = script_env(tmp_path / "cache", PYTHONIOENCODING="utf-8:strict")
     proc = subprocess.run([sys.executable, str(ROOT / "cat_diffusion.py"), "train", "--data", str(folder), *TINY[:1], "1",
                            *TINY[2:], "--out", str(tmp_path / "out"), "--name", str(tmp_path / "M")],
                           env=env, capture_output=True, timeout=600)

@@ -3,21 +3,18 @@ through the real command line (one copy of each class, so `except CheckpointErro
 the `__main__` trap), they are imported only when their command runs, and with both satellites
 deleted the core alone still trains, samples and loads in a REPL."""
 import json
-import os
 import shutil
 import subprocess
 import sys
 import urllib.request
 
 import cat_diffusion as cd
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 def script(cwd, *argv, cache, **kwargs):
     """`python cat_diffusion.py ARGV` in `cwd` as a user runs it: a fresh interpreter, no window."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    env.pop("DISPLAY", None)
-    return subprocess.Popen([sys.executable, "cat_diffusion.py", *argv], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, "cat_diffusion.py", *argv], cwd=cwd, env=script_env(cache), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
