@@ -121,11 +121,18 @@ def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def run_relative(path, folder):
+    """`path` as a checkpoint keeps it: relative to the run's `folder` when inside it (so that a moved
+    or copied run folder keeps its own files), else absolute; `folder / result` gives it back."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return str(path.relative_to(folder) if folder in path.parents else path)
+
+
 def claim_outputs(paths, overwrite=False, ours=None, hint="pass --overwrite to replace it"):
     """Check, before any work, that every file in `paths` can be written without replacing
     anything the user did not ask to replace: an existing file is refused unless `overwrite` or it
-    is one of `ours` ({resolved path: digest} of the files a resumed run wrote) with its bytes
-    unchanged since; a folder in a file's place, or a file in a folder's place, is refused always."""
+    is one of `ours` ({resolved path: [digests]} of the files a resumed run wrote) with its bytes
+    one of the digests; a folder in a file's place, or a file in a folder's place, is refused always."""
     ours = ours or {}
     for path in map(Path, paths):
         existing = next((p for p in (path, *path.parents) if p.exists()), path)
@@ -135,8 +142,8 @@ def claim_outputs(paths, overwrite=False, ours=None, hint="pass --overwrite to r
             raise Refused(f"{path} is a folder, not a file")
         if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
             raise Refused(f"{path} cannot be written: {existing if existing.is_dir() else existing.parent} is read-only")
-        # a file is the run's own while its digest is the recorded one (only those files are read)
-        if path.exists() and not overwrite and ours.get(key := str(path.resolve())) != (key in ours and file_digest(path)):
+        # a file is the run's own while its digest is one the run recorded (only those files are read)
+        if path.exists() and not overwrite and not ((key := str(path.resolve())) in ours and file_digest(path) in ours[key]):
             raise Refused(f"{path} already exists; {hint}")
 
 
@@ -919,6 +926,7 @@ class TrainConfig:
     ("Choices recorded in the code", "Optimiser settings")."""
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
+    preview_every: float | None = None  # minutes between previews (see preview_interval); None: a tenth of the run; 0: none
     batch_size: int = 16  # twice batch 32's steps in the same time: better cats within the hour
     lr: float = 2e-3
     warmup_steps: int = 200
@@ -963,9 +971,11 @@ def warmup_cosine(step, warmup, total):
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# A run of --minutes times its steps over a twentieth of its time (after its first step, which compiles)
-# before it fixes its length: a few dozen steps misjudge a GPU's speed.
+# A run of --minutes times its steps over each twentieth of its time (after its first step, which compiles)
+# and moves its end to what the rest of the time holds: a few dozen steps misjudge a GPU's speed, and a
+# plan fixed once, while another program ran, left a distillation with a tenth of the steps it had time for.
 TIMED_SHARE = 1 / 20
+REPLAN_NOTE = 0.05  # a new plan this much off the last is said in the log
 MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would never plan its steps)
 # An epoch's end writes a checkpoint only this many seconds after the last one: a GPU runs an epoch in under
 # a second, and a write after each slowed its loop by a tenth.
@@ -975,7 +985,19 @@ EPOCH_CHECKPOINT_GAP = 60
 def plan_steps(minutes, step, elapsed, seconds_per_step):
     """The step total that ends a run of `minutes` on time: the steps done, and as many more as
     the rest of the time holds at the measured speed."""
-    return step + max(1, int((60 * minutes - elapsed) / seconds_per_step))
+    return step + max(0, int((60 * minutes - elapsed) / seconds_per_step))
+
+
+PREVIEWS = 10  # a run's previews unless --preview-every says otherwise
+PREVIEW_FACES, PREVIEW_STEPS = 16, 10  # a preview: 16 fixed noises, DPM-Solver++ 10 steps (a student: its own)
+PREVIEW_SHARE = 0.02  # the most of a run's compute its previews take
+
+
+def preview_interval(steps, batch_size):
+    """Steps between previews: `steps`, but never so few that a preview's PREVIEW_FACES x
+    PREVIEW_STEPS forward passes exceed PREVIEW_SHARE of the training's (a step of `batch_size`
+    faces: a forward and a backward pass, about 3 forward passes, for each)."""
+    return max(steps, math.ceil(PREVIEW_FACES * PREVIEW_STEPS / (3 * batch_size) / PREVIEW_SHARE))
 
 
 def epoch_order(n, seed, epoch):
@@ -1135,7 +1157,7 @@ def accumulate(net, objective, parts, alpha_bar, dtype, world):
     return loss
 
 
-def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, objective=None):
+def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, objective=None, preview=None):
     """Train `model` on `data` (a CatDataset) to minimise `objective` (by default `diffusion_loss`;
     or a distillation loss, with its signature); returns (ema_model, history).
 
@@ -1143,7 +1165,10 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     that ends EPOCH_CHECKPOINT_GAP seconds or more after the last write, each time from a state
     checked to be finite (`worth_keeping`); `resume` (a checkpoint path) continues that run exactly
     where it stopped (see `check_resume`), and `settings` (the command line's) are kept in the
-    checkpoint for it. Under torchrun each of the N processes computes 1/N
+    checkpoint for it. `preview(ema_model, history, caption)` (see `previewer`), when given, renders
+    the run's progress every `cfg.preview_every` minutes (see `preview_interval`) as
+    (frame, {path: PNG bytes}); the frames are kept in `history["frames"]`, and the pictures are
+    written once a checkpoint that knows their digests is. Under torchrun each of the N processes computes 1/N
     of every global batch (DistributedDataParallel averages the gradients) and rank 0 alone
     writes; the result matches a single process up to float rounding.
     """
@@ -1171,14 +1196,17 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     alpha_bar = ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
-    history, step, fingerprint, outputs = {"loss": [], "val": []}, 0, data_fingerprint(data), {}
+    history, step, fingerprint, outputs = {"loss": [], "val": [], "frames": [], "preview_every": None}, 0, \
+        data_fingerprint(data), {}
+    spent = 0.0  # the run's training seconds before this process
     if resume:
         ckpt = read_checkpoint(resume, want="training")
         outputs = ckpt.get("outputs", {})  # the files an earlier end of this run wrote (see record_outputs)
         if cfg.minutes is not None and ckpt.get("total") is not None:  # planned already: scale it
             total = round(ckpt["total"] * cfg.minutes / (ckpt["train_config"].get("minutes") or cfg.minutes))
         changes = check_resume(resume, ckpt, model, cfg, fingerprint, total)
-        history, step = restore(resume, ckpt, model, ema, opt, sched, noise_gen, cfg.lr)
+        restored, step = restore(resume, ckpt, model, ema, opt, sched, noise_gen, cfg.lr)
+        history, spent = {**history, **restored}, ckpt.get("seconds", 0.0)
         if rank == 0:
             print(f"resuming {resume} at step {step}" + "".join(f"; {c}" for c in changes), file=sys.stderr)
     if rank == 0:
@@ -1196,11 +1224,13 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                      scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
                      torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch, total=total,
-                     history=history, data=fingerprint, settings=settings or {}, outputs=outputs)
+                     history=history, data=fingerprint, settings=settings or {}, outputs=outputs,
+                     seconds=spent + time.perf_counter() - tic)
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
         return step
 
-    pending, tic, seen, order, timer = [], time.perf_counter(), 0, None, None
+    pending, tic, seen, order, timer, pictures = [], time.perf_counter(), 0, None, None, {}
+    previews = preview is not None and cfg.preview_every != 0
     written = tic  # when the last checkpoint was written (or the run started)
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
         while total is None or step < total:
@@ -1221,19 +1251,28 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
             ema.update_parameters(model)
             pending.append(loss)
             seen += len(idx)
-            if total is None:  # a timed run: time the steps after this process's first, then plan
-                timer, now = timer or (step, time.perf_counter()), time.perf_counter()
-                due = step > timer[0] and now - timer[1] >= TIMED_SHARE * 60 * cfg.minutes
-                if agree(int(due), device, world):  # rank 0 decides: every process plans at the same step
-                    per_step = (now - timer[1]) / (step - timer[0])
-                    total = agree(plan_steps(cfg.minutes, step, now - tic, per_step), device, world)
-                    bar.total = total
-                    if rank == 0:
-                        end = datetime.datetime.now() + datetime.timedelta(seconds=(total - step) * per_step)
-                        tqdm.write(f"{cfg.minutes:g} minutes: {total} steps planned at {per_step:.3f} s a step; "
-                                   f"training ends at about {end:%H:%M}", file=sys.stderr)
+            # The speed is timed after this process's first step (which compiles), each window anew: a timed
+            # run plans its total from it, and previews set in minutes their interval. Rank 0 decides for
+            # every process, every 10th step and the last (a decision syncs the processes).
+            timer, now, every = timer or (step, time.perf_counter()), time.perf_counter(), history["preview_every"]
+            window = TIMED_SHARE * 60 * (cfg.minutes or cfg.preview_every or 0)
+            if (cfg.minutes is not None or previews and not every) and (step % 10 == 0 or step == total) and step > timer[0] \
+                    and agree(int(now - timer[1] >= window), device, world):
+                per_step, timer = (now - timer[1]) / (step - timer[0]), (step, now)
+                if cfg.minutes is not None:
+                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, per_step), device, world)
+                    if rank == 0 and (total is None or abs(planned - total) > REPLAN_NOTE * total):
+                        end = datetime.datetime.now() + datetime.timedelta(seconds=(planned - step) * per_step)
+                        tqdm.write(f"{cfg.minutes:g} minutes: {planned} steps {'re-' * (total is not None)}planned at "
+                                   f"{per_step:.3f} s a step; training ends at about {end:%H:%M}", file=sys.stderr)
+                    total = bar.total = planned
+                if previews and not every:
+                    wanted = round(60 * cfg.preview_every / per_step) if cfg.preview_every else total // PREVIEWS
+                    history["preview_every"] = every = agree(preview_interval(wanted, batch), device, world)
             end_of_epoch = step % steps_per_epoch == 0
-            at_checkpoint = step % cfg.checkpoint_every == 0 or step == total or \
+            # the last frame is the finished model's, instead of one less than `every` steps before it
+            at_preview = previews and every and (step == total or step % every == 0 and step + every <= total)
+            at_checkpoint = at_preview or step % cfg.checkpoint_every == 0 or step == total or \
                 (end_of_epoch and agree(int(time.perf_counter() - written >= EPOCH_CHECKPOINT_GAP), device, world))
             if len(pending) == 10 or at_checkpoint:  # one host sync per 10 steps; checked before saving
                 losses = mean_losses(pending, world)
@@ -1247,9 +1286,18 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                                 img_s=f"{seen / (time.perf_counter() - tic):.0f}")
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
+            if rank == 0 and at_preview:  # a picture's digests: the one the run wrote last, and this one
+                caption = f"step {step:,}\n{step * batch:,} faces seen\nloss {history['loss'][-1]:.4f}"
+                frame, pictures = preview(ema.module, history, f"{caption}, {(spent + now - tic) / 60:.1f} min")
+                history["frames"].append((caption, frame))
+                for key, png in ((run_relative(path, out_dir), png) for path, png in pictures.items()):
+                    outputs[key] = [*outputs.get(key, [])[-1:], hashlib.sha256(png).hexdigest()]
             if rank == 0 and at_checkpoint:  # the weights are checked on this step's first micro-batch
                 x0, t, eps, cond = parts[0]
                 kept = checkpoint(step, lambda m: objective(m, x0, t, eps, alpha_bar, cond))
+                for path, png in pictures.items():
+                    atomic_write(path, lambda f: f.write(png))
+                pictures = {}
             if at_checkpoint:
                 barrier()
                 written = time.perf_counter()
@@ -1426,12 +1474,26 @@ def write_png(images, path, nrow=8):
     atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=1))
 
 
-def write_gif(images, path, ms_per_frame=150):
-    """Images in [0, 1] as a looping GIF that plays forwards then backwards, written atomically."""
-    frames = [Image.fromarray(im.mul(255).round().byte().permute(1, 2, 0).numpy()) for im in images]
-    frames += frames[-2:0:-1]
+def write_gif(frames, path, ms_per_frame):
+    """PIL images as a looping GIF, written atomically; `ms_per_frame`: one duration, or one per frame."""
     atomic_write(path, lambda f: frames[0].save(f, format="gif", save_all=True, append_images=frames[1:],
                                                 duration=ms_per_frame, loop=0))
+
+
+def png_bytes(picture):
+    """A PIL image or a matplotlib figure as PNG bytes."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png") if isinstance(picture, Image.Image) else \
+        picture.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def captioned(grid, text):
+    """A uint8 image grid (3, H, W) as a PIL image with the lines of `text` below it."""
+    image = Image.new("RGB", (grid.shape[2], grid.shape[1] + 13 * (text.count("\n") + 1) + 4), "white")
+    image.paste(TF.to_pil_image(grid))
+    ImageDraw.Draw(image).multiline_text((3, grid.shape[1] + 2), text, fill="black", spacing=3)
+    return image
 
 
 def draw_landmarks(images, landmarks):
@@ -1441,8 +1503,9 @@ def draw_landmarks(images, landmarks):
     return torch.stack([draw_keypoints(im, m[None], colors="red", radius=1) for im, m in zip(uint8, marks)]) / 255
 
 
-def plot_loss(history, path):
-    """Per-step training loss (raw and smoothed) and the validation loss per epoch."""
+def plot_loss(history, path=None):
+    """Per-step training loss (raw and smoothed) and the validation loss per epoch; written to `path`
+    when given."""
     loss = np.asarray(history["loss"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(np.arange(1, len(loss) + 1), loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss per step")
@@ -1457,7 +1520,8 @@ def plot_loss(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    if path:
+        atomic_write(path, lambda f: f.write(png_bytes(fig)))
     return fig
 
 
@@ -1473,7 +1537,7 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0, landmarks=No
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: f.write(png_bytes(fig)))
     return fig
 
 
@@ -1486,6 +1550,31 @@ def plot_denoising(model, path, n=6, snapshots=8, sampler=None, steps=None, seed
     keep = np.linspace(0, len(states) - 1, snapshots).round().astype(int)
     grid = torch.stack([states[i] for i in keep], 1).flatten(0, 1)  # row per sample, column per snapshot
     write_png(to_unit(grid), path, nrow=len(keep))
+
+
+def previewer(out, seed, size):
+    """A run's `preview(model, history, caption)` (see `train`): the model's samples from
+    PREVIEW_FACES noises fixed by `seed` (the same at every preview, and after a resume) as a uint8
+    grid, and the PNG bytes of OUT/progress.png (the grid, captioned) and OUT/loss_curve.png."""
+    noise = torch.randn(PREVIEW_FACES, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    def preview(model, history, caption):
+        steps = None if model.config["student_steps"] else PREVIEW_STEPS
+        faces = sample(model, x=noise.clone(), steps=steps, progress=False)
+        grid = make_grid(to_unit(faces), nrow=4, padding=1).mul(255).round().byte()
+        curve = plot_loss(history)
+        pictures = {out / "progress.png": png_bytes(captioned(grid, caption)), out / "loss_curve.png": png_bytes(curve)}
+        plt.close(curve)
+        return grid, pictures
+
+    return preview
+
+
+def write_timeline(history, path):
+    """A run's preview frames (`history["frames"]`) as a GIF that holds its last frame, if it has any."""
+    frames = [captioned(grid, caption) for caption, grid in history["frames"]]
+    if frames:
+        write_gif(frames, path, [600] * (len(frames) - 1) + [3000])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1676,23 +1765,18 @@ def checked_config(cls, config, path):
 
 
 def load_model(model, name, device="cpu"):
-    """Load `name.pth` (a saved model, or a training checkpoint's EMA weights) into `model`.
+    """The model that `name.pth` (a saved model, or a training checkpoint's EMA weights) describes.
 
-    The file carries its config: a `model` built differently gives an error naming the difference.
-    Pass `model=None` to build a DiffusionModel from the file's config instead (or a class: one of it).
+    Loaded into `model` when that was built the same way; else a new one, built from the file's
+    config, is returned, with a line saying how it differs (`model`: an instance, a class, or None
+    for a DiffusionModel), so `loaded_model = load_model(DiffusionModel(), name)` loads any size.
     """
     path = model_path(name)
     ckpt = read_checkpoint(path)
     cls = DiffusionModel if model is None else model if isinstance(model, type) else type(model)
-    model = None if isinstance(model, type) else model
     if ckpt.get("class", "DiffusionModel") != cls.__name__:
         raise CheckpointError(f"{path}: holds a {str(ckpt.get('class'))[:40]}, not a {cls.__name__}")
     config = checked_config(cls, ckpt.get("config" if ckpt["kind"] == "model" else "model_config"), path)
-    wanted = config if model is None else {**model.config, **{k: config[k] for k in SAMPLING_ONLY if k in config}}
-    if wanted != config:
-        diff = ", ".join(f"{k}={config.get(k)!r} (model has {v!r})" for k, v in wanted.items() if config.get(k) != v)
-        raise CheckpointError(f"{path}: saved with {diff}; build {cls.__name__}(**config) to match, "
-                              f"or call load_model(None, {str(name)!r})")
     loaded = cls(**config)  # loaded apart, so that a refused file leaves `model` as it was
     try:
         weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
@@ -1701,12 +1785,16 @@ def load_model(model, name, device="cpu"):
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[1:2] or type(e).__name__
         raise CheckpointError(f"{path}: weights do not fit the model: {reason}") from None
-    if model is not None:
-        model.config.update(config)
-        model.load_state_dict(loaded.state_dict())
-        loaded = model
-    model = loaded
-    return model.to(device).eval()
+    if isinstance(model, nn.Module):
+        given = {**model.config, **{k: config[k] for k in SAMPLING_ONLY if k in config}}
+        if given == config:
+            model.config.update(config)
+            model.load_state_dict(loaded.state_dict())
+            loaded = model
+        else:
+            print(f"{path}: a {cls.__name__} with " + ", ".join(f"{k}={v!r}" for k, v in config.items() if given.get(k) != v)
+                  + " (the model given differs): load_model returns it", file=sys.stderr)
+    return loaded.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1805,22 +1893,21 @@ def weights_fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None):
+def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, preview=None):
     """Distil `teacher` into a student that samples in `steps` steps: the student starts from the
     teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
     teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
     the less error compounds (TRACT, Berthelot et al. 2023). A 1-step student learns better from a
     few-step one (SWD 46.0 from the 2-step student, 69.0 straight from a trained teacher, which it
-    copies in 4 coarse substeps). `resume`: out_dir's checkpoint.pt.
-    Returns the (EMA) student."""
+    copies in 4 coarse substeps). `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s.
+    Returns the (EMA) student and its training history."""
     check_student_steps(teacher, steps)
     dtype = autocast_dtype(model_device(teacher), cfg.precision)
     student = DiffusionModel(**{**teacher.config, "student_steps": steps})
     student.load_state_dict(teacher.state_dict())
     teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    student, _ = train(student, data, cfg, out_dir, resume=resume, settings=settings,
-                       objective=distillation_loss(teacher, steps, dtype, guidance_of(teacher)))
-    return student
+    return train(student, data, cfg, out_dir, resume=resume, settings=settings, preview=preview,
+                 objective=distillation_loss(teacher, steps, dtype, guidance_of(teacher)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1890,21 +1977,21 @@ def finish_figures(out, names):
 
 
 # The default model is too small to fill a GPU at the CPU's batch: batch 256, compiled, runs 9x the images a
-# second on one H200 (RESULTS.md). It keeps the default width so that the REPL's load_model(DiffusionModel(),
-# "DiffusionModel") loads what a GPU trains.
-GPU_RECIPE = dict(batch_size=256, compile=True, epochs=300)
+# second on one H200, and width 64 reached 1.17x the floor in 3 H100 minutes where width 32 reached 1.32x (RESULTS.md).
+GPU_RECIPE = dict(batch_size=256, compile=True, epochs=300, width=64)
 
 
 def training_recipe(args, device):
-    """Batch size, compiling and epochs for `train`: as given, else GPU_RECIPE on CUDA (said in one
-    line) and TrainConfig's on a CPU. The recipe's epochs apply only to its own batch size."""
+    """Batch size, compiling, epochs and width for `train`: as given, else GPU_RECIPE's on CUDA (said
+    in one line) and the defaults on a CPU. The recipe's epochs apply only to its own batch size."""
+    width = args.width or defaults_of(DiffusionModel)["base_channels"]
     if args.batch_size is not None or device.type != "cuda":
-        return args.batch_size or TrainConfig.batch_size, args.compile, args.epochs or TrainConfig.epochs
-    epochs = args.epochs or GPU_RECIPE["epochs"]
-    print(f"on {device}: the GPU recipe, --batch-size {GPU_RECIPE['batch_size']} --compile"
+        return args.batch_size or TrainConfig.batch_size, args.compile, args.epochs or TrainConfig.epochs, width
+    epochs, width = args.epochs or GPU_RECIPE["epochs"], args.width or GPU_RECIPE["width"]
+    print(f"on {device}: the GPU recipe, --batch-size {GPU_RECIPE['batch_size']} --compile --width {width}"
           + (f" --epochs {epochs}" if args.epochs is None and args.minutes is None else "")
           + " (give --batch-size to choose yourself)")
-    return GPU_RECIPE["batch_size"], True, epochs
+    return GPU_RECIPE["batch_size"], True, epochs, width
 
 
 def record_outputs(checkpoint, paths):
@@ -1912,18 +1999,11 @@ def record_outputs(checkpoint, paths):
     those files only while they are the ones it wrote (see `claim_outputs`). Paths in the run's
     folder are kept relative to it, so that a moved or copied run folder still knows its files."""
     ckpt = read_checkpoint(checkpoint, want="training")
-    ckpt["outputs"] = {run_relative(p, Path(checkpoint).parent): file_digest(p) for p in paths if Path(p).is_file()}
+    ckpt["outputs"] = {run_relative(p, Path(checkpoint).parent): [file_digest(p)] for p in paths if Path(p).is_file()}
     atomic_write(checkpoint, lambda f: torch.save(ckpt, f))
 
 
 RESUME_HINT = "pass --resume to continue that run, --overwrite to start over, or another --out/--name"
-
-
-def run_relative(path, folder):
-    """`path` as a checkpoint keeps it: relative to the run's `folder` when inside it (so that a moved
-    or copied run folder keeps its own files), else absolute; `folder / result` gives it back."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return str(path.relative_to(folder) if folder in path.parents else path)
 
 
 def settings_of(args, **paths):
@@ -1934,7 +2014,8 @@ def settings_of(args, **paths):
     return {**settings, **{k: run_relative(v, args.out) for k, v in paths.items()}}
 
 
-TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
+TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "progress.png", "progress.gif", "reconstructions.png", "samples.png",
+                 "denoising.png")
 
 
 def config_of(args, recipe=None):
@@ -1948,7 +2029,7 @@ def config_of(args, recipe=None):
 def run_train(args):
     torch.manual_seed(args.seed)
     rank, world = rank_and_world()
-    args.batch_size, args.compile, args.epochs = training_recipe(args, pick_device(args.device))
+    args.batch_size, args.compile, args.epochs, args.width = training_recipe(args, pick_device(args.device))
     model_file = model_path(args.name)
     claim_outputs([args.out / f for f in TRAIN_OUTPUTS] + [model_file], args.overwrite, args.run_outputs,
                   hint=RESUME_HINT)
@@ -1969,9 +2050,11 @@ def run_train(args):
     cfg = config_of(args)
     settings = settings_of(args, data=data_dir, name=model_file)
     args.out.mkdir(parents=True, exist_ok=True)
-    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings)
+    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings,
+                         preview=previewer(args.out, args.seed, args.image_size))
     if rank > 0:
         return
+    write_timeline(history, args.out / "progress.gif")
     path = save_model(ema, model_file, layout_stats(train_set.landmarks) if args.landmarks else None)
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
@@ -2005,7 +2088,7 @@ def run_distill(args):
     except ValueError as e:
         raise CheckpointError(f"{args.model}: {e}") from None
     model_file = model_path(args.name)
-    outputs = [args.out / "checkpoint.pt", args.out / "steps.png"]
+    outputs = [args.out / f for f in ("checkpoint.pt", "steps.png", "loss_curve.png", "progress.png", "progress.gif")]
     claim_outputs(outputs + [model_file], args.overwrite, args.run_outputs, hint=RESUME_HINT)
     fingerprint = weights_fingerprint(teacher)
     if args.resume and args.run_settings.get("teacher") != fingerprint:
@@ -2016,8 +2099,10 @@ def run_distill(args):
     cfg = config_of(args, DISTILL)
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
-    student = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings)
+    student, history = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings,
+                               preview=previewer(args.out, args.seed, teacher.config["image_size"]))
     path = save_model(student, model_file, layouts)
+    write_timeline(history, args.out / "progress.gif")
     print(f"saved {path}: samples in {args.steps} steps (sample, eval and generate() use them by default)")
     g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
     noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
@@ -2025,7 +2110,7 @@ def run_distill(args):
     rows = [sample(m, 8, sampler, steps, x=noise.clone(), progress=False)  # the same noises, row by row
             for m, sampler, steps in ((teacher, *own), (teacher, own[0], args.steps), (student, None, None))]
     write_png(to_unit(torch.cat(rows)), args.out / "steps.png", nrow=8)
-    record_outputs(args.out / "checkpoint.pt", [model_file, args.out / "steps.png"])
+    record_outputs(args.out / "checkpoint.pt", [model_file, *outputs[1:]])
     print(f"wrote {args.out / 'steps.png'}: rows from the teacher in {own[1]} and in {args.steps} steps of its "
           f"{own[0]}, then the student in {args.steps}")
 
@@ -2079,7 +2164,8 @@ def run_interpolate(args):
     faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
                         cond_a, cond_b)
     write_png(to_unit(faces), strip, nrow=args.frames)
-    write_gif(to_unit(faces), gif)
+    frames = [TF.to_pil_image(face) for face in to_unit(faces)]
+    write_gif(frames + frames[-2:0:-1], gif, 150)  # forwards, then back
     print(f"wrote {strip} and {gif}")
 
 
@@ -2131,8 +2217,9 @@ def shared_options():
     common.add_argument("--overwrite", action="store_true", help="replace files that exist (else the command refuses)")
     size.add_argument("--image-size", type=in_range(int, *limits["image_size"], multiple=8), default=model["image_size"],
                       help="face size in pixels")
-    width.add_argument("--width", type=in_range(int, *limits["base_channels"]), default=model["base_channels"],
-                       help="base channels of the model")
+    width.add_argument("--width", type=in_range(int, *limits["base_channels"]), default=None,
+                       help=f"base channels of the model (default {model['base_channels']}; train on a GPU "
+                            f"{GPU_RECIPE['width']})")
     width.add_argument("--blocks", type=in_range(int, *limits["blocks"]), default=model["blocks"],
                        help="residual blocks per stage")
     batch.add_argument("--batch-size", type=positive_int, default=None,
@@ -2148,6 +2235,9 @@ def shared_options():
     json_out.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     checkpoints.add_argument("--checkpoint-every", type=positive_int, default=cfg.checkpoint_every,
                              help="steps between checkpoints (and after an epoch a minute after the last)")
+    checkpoints.add_argument("--preview-every", type=in_range(float, 0, MAX_MINUTES), default=cfg.preview_every,
+                             metavar="MINUTES", help="minutes between previews: OUT/progress.png and loss_curve.png, "
+                             "and progress.gif at the end (default a tenth of the run; 0: none)")
     return groups
 
 
@@ -2272,8 +2362,9 @@ def parse_args(argv):
             parser.error(f"argument --resume: no such file: {resume}")
         ckpt = read_checkpoint(resume, want="training")
         saved, outputs = ckpt.get("settings"), ckpt.get("outputs", {})
-        if not isinstance(saved, dict) or not isinstance(outputs, dict) or \
-                not all(isinstance(v, str) for v in (*outputs, *outputs.values())):
+        outputs = {k: [v] if isinstance(v, str) else v for k, v in outputs.items()} if isinstance(outputs, dict) else None
+        if not isinstance(saved, dict) or not isinstance(outputs, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(d, str) for d in v) for k, v in outputs.items()):
             raise CheckpointError(f"{resume}: damaged run settings")
         if ("teacher" in saved) != (args.command == "distill"):
             other = "distill" if "teacher" in saved else "train"
@@ -2286,7 +2377,7 @@ def parse_args(argv):
         parser = build_parser(args.command, (args.command, {**defaults, "out": resume.parent}))
         args = parser.parse_args(argv)
         args.resume, args.run_settings = resume, saved
-        args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()}, str(resume.resolve()): file_digest(resume)}
+        args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()}, str(resume.resolve()): [file_digest(resume)]}
     return args
 
 

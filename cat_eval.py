@@ -297,7 +297,10 @@ def run_eval(args):
     if args.landmark_net:  # every input is opened before the work
         if not model.config["landmarks"]:
             raise CheckpointError(f"{args.model}: trained without landmarks; --landmark-net measures landmark models")
-        net = load_model(LandmarkNet(size), args.landmark_net, model_device(model))
+        net = load_model(LandmarkNet, args.landmark_net, model_device(model))
+        if net.config["image_size"] != size:
+            raise CheckpointError(f"{args.landmark_net}: finds landmarks in {net.config['image_size']} px faces, "
+                                  f"but {args.model} makes {size} px faces")
     train_set = CatDataset(args.data, size, split="train", quiet=True)
     val_set = CatDataset(args.data, size, split="val", quiet=True)
     if len(val_set) == 0 or len(train_set) < min(args.n, len(val_set)):
@@ -341,6 +344,7 @@ def run_bench(args):
     if args.json:
         claim_outputs([args.json], args.overwrite)
     torch.manual_seed(args.seed)
+    args.width = args.width or defaults_of(DiffusionModel)["base_channels"]
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks)
     r = benchmark(model, args.batch_size or TrainConfig.batch_size, pick_device(args.device), args.precision,
                   compile=args.compile)

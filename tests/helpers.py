@@ -66,6 +66,42 @@ class TinyFaces:
         return len(self.faces)
 
 
+def loss_that_fails_at(call, exception):
+    """diffusion_loss that raises (KeyboardInterrupt) or turns NaN (a float) from the call-th
+    training step on (calls with gradients; the checks before checkpoints run without)."""
+    real, calls = cd.diffusion_loss, [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += torch.is_grad_enabled()
+        loss = real(*args, **kwargs)
+        if calls[0] >= call and torch.is_grad_enabled():
+            if isinstance(exception, float):
+                return loss * exception
+            raise exception
+        return loss
+
+    return wrapped
+
+
+class StepClock:
+    """A stand-in for time.perf_counter that advances `seconds(step)` per training step (one second
+    by default): the machine's speed as a test wants it."""
+
+    def __init__(self, seconds=lambda step: 1.0):
+        self.now, self.steps, self.seconds = 0.0, 0, seconds
+
+    def __call__(self):
+        return self.now
+
+    def loss(self, real):
+        def timed_loss(*args, **kwargs):
+            if torch.is_grad_enabled():
+                self.steps += 1
+                self.now += self.seconds(self.steps)
+            return real(*args, **kwargs)
+        return timed_loss
+
+
 def script_env(cache, **extra):
     """The environment of a test's `python cat_diffusion.py` subprocess: its own face cache, one
     torch thread, no window."""

@@ -6,7 +6,7 @@ import torch
 import cat_diffusion as cd
 from helpers import SHARED_DATA, assert_png, distinct_model, grid_side, needs_shared, run_main
 
-FIGURES = ("loss_curve.png", "reconstructions.png", "samples.png", "denoising.png")
+FIGURES = ("loss_curve.png", "progress.png", "reconstructions.png", "samples.png", "denoising.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,6 +33,7 @@ def test_default_data_path_draws_a_synthetic_set_and_trains(default_run):
     assert (default_run / "DiffusionModel.pth").is_file()
     for name in FIGURES:
         assert_png(default_run / "outputs" / name)
+    assert (default_run / "outputs" / "progress.gif").read_bytes()[:6] == b"GIF89a"
     ckpt = cd.read_checkpoint(default_run / "outputs" / "checkpoint.pt", want="training")
     steps = 36 // 16  # 36 of the 40 photo ids fall in the training split
     assert ckpt["step"] == steps and len(ckpt["history"]["loss"]) == steps
@@ -153,16 +154,17 @@ def test_train_command_reports_a_diverging_run_as_an_error_exit(photos, tmp_path
 def test_train_takes_the_gpu_recipe_on_cuda_only_when_no_batch_size_is_given(capsys):
     args = cd.parse_args(["train"])
     assert args.batch_size is None and args.epochs is None and not args.compile
-    assert cd.training_recipe(args, torch.device("cpu")) == (cd.TrainConfig.batch_size, False, cd.TrainConfig.epochs)
+    assert cd.training_recipe(args, torch.device("cpu")) == (cd.TrainConfig.batch_size, False, cd.TrainConfig.epochs, 32)
     assert capsys.readouterr().out == ""
-    assert cd.training_recipe(args, torch.device("cuda")) == (256, True, 300)
-    assert "the GPU recipe, --batch-size 256 --compile --epochs 300" in capsys.readouterr().out
-    assert cd.training_recipe(cd.parse_args(["train", "--epochs", "7"]), torch.device("cuda")) == (256, True, 7)
+    assert cd.training_recipe(args, torch.device("cuda")) == (256, True, 300, 64)
+    assert "the GPU recipe, --batch-size 256 --compile --width 64 --epochs 300" in capsys.readouterr().out
+    assert cd.training_recipe(cd.parse_args(["train", "--epochs", "7", "--width", "48"]),
+                              torch.device("cuda")) == (256, True, 7, 48)
     timed = cd.parse_args(["train", "--minutes", "5"])
     assert cd.training_recipe(timed, torch.device("cuda"))[:2] == (256, True)
     assert "--epochs" not in capsys.readouterr().out, "a timed run has no epochs to announce"
     given = cd.parse_args(["train", "--batch-size", "64"])
-    assert cd.training_recipe(given, torch.device("cuda")) == (64, False, cd.TrainConfig.epochs)
+    assert cd.training_recipe(given, torch.device("cuda")) == (64, False, cd.TrainConfig.epochs, 32)
 
 
 @pytest.mark.skipif(cd.torch.cuda.is_available(), reason="this machine has a GPU")

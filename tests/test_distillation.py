@@ -101,7 +101,7 @@ def test_distillation_lowers_the_students_loss(tmp_path):
     x0 = cd.to_model_range(data.faces)
     t, eps = cd.draw_noise(x0, g)
     before = objective(teacher, x0, t, eps, cd.ALPHA_BAR).item()
-    student = cd.distill(live_model(), data, 2, distill_config(epochs=6, lr=3e-3), tmp_path)
+    student, _ = cd.distill(live_model(), data, 2, distill_config(epochs=6, lr=3e-3), tmp_path)
     after = objective(student, x0, t, eps, cd.ALPHA_BAR).item()
     assert student.config["student_steps"] == 2 and after < 0.8 * before
 
@@ -110,7 +110,7 @@ def test_distillation_lowers_the_students_loss(tmp_path):
 def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, interrupt):
     data, cfg = TinyFaces(), distill_config()  # 2 epochs of 5 steps
     teacher = live_model()
-    whole = cd.distill(teacher, data, 2, cfg, tmp_path / "a")
+    whole, _ = cd.distill(teacher, data, 2, cfg, tmp_path / "a")
     real, calls = cd.teacher_target, [0]
 
     def killed(*args, **kwargs):
@@ -123,7 +123,7 @@ def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, mo
         mp.setattr(cd, "teacher_target", killed)
         with pytest.raises(KeyboardInterrupt):
             cd.distill(teacher, data, 2, cfg, tmp_path / "b")
-    resumed = cd.distill(teacher, data, 2, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
+    resumed, _ = cd.distill(teacher, data, 2, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
     assert_same_weights(resumed, whole)
 
 
@@ -149,7 +149,7 @@ def test_the_distill_command_writes_a_student_that_samples_in_its_own_steps(dist
     assert calls == [0, 1] and first.shape == (3, 3, 16, 16)
     assert torch.equal(first, cd.generate(student, 3, seed=4)) and 0 <= first.min() and first.max() <= 1
     assert sorted(p.name for p in (distilled / "out").iterdir()) == \
-        ["checkpoint.pt", "steps.png"]
+        ["checkpoint.pt", "loss_curve.png", "progress.gif", "progress.png", "steps.png"]
 
 
 def test_distill_trains_with_its_own_settings_not_trains(photos, tmp_path, monkeypatch):
@@ -208,6 +208,6 @@ def test_a_landmark_model_distils_with_its_guidance_built_in(tmp_path):
                                cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
     assert cd.guidance_of(teacher) == cd.GUIDANCE
     teacher = cd.DiffusionModel(**{**teacher.config, "student_steps": 4})  # a student: guidance built in
-    student = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path)
+    student, _ = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path)
     assert student.config["landmarks"] and cd.guidance_of(student) == cd.guidance_of(teacher) == 1.0
     assert cd.sample(student, 2, landmarks=marks[0], progress=False).isfinite().all()

@@ -24,11 +24,17 @@ def test_save_model_writes_name_pth_and_load_model_round_trips_exactly(tmp_path)
     assert_same_weights(cd.load_model(distinct_model(seed=2), str(path)), model)  # NAME.pth works too
 
 
-def test_load_model_into_a_model_of_another_width_names_the_mismatch(tmp_path):
-    cd.save_model(distinct_model(width=8), tmp_path / "M")
-    with pytest.raises(cd.CheckpointError, match="base_channels") as err:
-        cd.load_model(cd.DiffusionModel(16, base_channels=16), tmp_path / "M")
-    assert str(tmp_path / "M.pth") in str(err.value)
+def test_load_model_given_a_model_of_another_width_returns_the_files_and_says_so(tmp_path, capsys):
+    saved = distinct_model(width=8)
+    cd.save_model(saved, tmp_path / "M")
+    given = cd.DiffusionModel(16, base_channels=16)
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    loaded = cd.load_model(given, tmp_path / "M")
+    assert loaded is not given and loaded.config == saved.config
+    assert_same_weights(loaded, saved)
+    assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items()), "the model given is left alone"
+    err = capsys.readouterr().err
+    assert str(tmp_path / "M.pth") in err and "base_channels=8" in err and len(err.splitlines()) == 1
 
 
 def test_load_model_none_builds_the_saved_architecture(tmp_path):

@@ -5,29 +5,12 @@ import pytest
 import torch
 
 import cat_diffusion as cd
-from helpers import TinyFaces, assert_same_weights, tiny_model
+from helpers import StepClock, TinyFaces, assert_same_weights, loss_that_fails_at, tiny_model
 
 
 def tiny_config(**changes):
     return cd.TrainConfig(**{**dict(epochs=2, batch_size=4, lr=2e-3, warmup_steps=3, ema_decay=0.9,
                                     seed=0, device="cpu", precision="fp32", checkpoint_every=3), **changes})
-
-
-def loss_that_fails_at(call, exception):
-    """diffusion_loss that raises (KeyboardInterrupt) or turns NaN (a float) from the call-th
-    training step on (calls with gradients; the checks before checkpoints run without)."""
-    real, calls = cd.diffusion_loss, [0]
-
-    def wrapped(*args, **kwargs):
-        calls[0] += torch.is_grad_enabled()
-        loss = real(*args, **kwargs)
-        if calls[0] >= call and torch.is_grad_enabled():
-            if isinstance(exception, float):
-                return loss * exception
-            raise exception
-        return loss
-
-    return wrapped
 
 
 @pytest.fixture(scope="module", params=[6, 8], ids=["interrupted after an epoch-end checkpoint",
@@ -156,22 +139,6 @@ def test_a_blown_up_run_resumes_with_a_lower_learning_rate(tmp_path):
     assert len(history["loss"]) == 30 and all(map(torch.isfinite, torch.tensor(history["loss"])))
 
 
-class StepClock:
-    """A stand-in for time.perf_counter that advances one second per training step."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def loss(self, real):
-        def timed_loss(*args, **kwargs):
-            self.now += torch.is_grad_enabled()
-            return real(*args, **kwargs)
-        return timed_loss
-
-
 def test_a_timed_run_plans_its_steps_to_end_on_time_and_resumes_exactly(tmp_path, monkeypatch):
     clock = StepClock()
     monkeypatch.setattr(cd.time, "perf_counter", clock)
@@ -262,3 +229,39 @@ def test_batch_that_does_not_split_into_micro_batches_is_an_error(photos, tmp_pa
     data = cd.CatDataset(photos, 16, quiet=True)
     with pytest.raises(cd.TrainingError, match="does not split"):
         cd.train(cd.DiffusionModel(16, 8), data, cd.TrainConfig(batch_size=8, grad_accum=3, device="cpu"), tmp_path)
+
+
+@pytest.mark.parametrize("seconds, steps", [(lambda step: 1.0 if step <= 30 else 0.25, 390),
+                                            (lambda step: 0.25 if step <= 120 else 1.0, 210)],
+                         ids=["the machine speeds up", "the machine slows down"])
+def test_a_timed_run_re_plans_to_end_on_time_when_its_speed_changes(tmp_path, monkeypatch, capsys, seconds, steps):
+    """Two minutes: 30 s at one speed, then the rest at another (390 and 210 steps fill them). A plan
+    fixed from the first seconds would end at 52 s or at 390 s."""
+    clock = StepClock(seconds)
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    monkeypatch.setattr(cd, "diffusion_loss", clock.loss(cd.diffusion_loss))
+    cfg = cd.TrainConfig(minutes=2, batch_size=4, warmup_steps=5, device="cpu", precision="fp32",
+                         checkpoint_every=10_000)
+    _, history = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
+    window = cd.TIMED_SHARE * 120
+    assert abs(clock.now - 120) <= window, "the run ends within one timing window of its budget"
+    assert abs(len(history["loss"]) - steps) <= window / 0.25
+    assert "re-planned" in capsys.readouterr().err
+
+
+def test_a_resumed_timed_run_counts_the_seconds_it_trained_before(tmp_path, monkeypatch):
+    clock = StepClock(lambda step: 1.0 if step <= 30 else 0.25)
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    cfg = cd.TrainConfig(minutes=2, batch_size=4, warmup_steps=5, device="cpu", precision="fp32", checkpoint_every=50)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cd, "diffusion_loss", clock.loss(loss_that_fails_at(120, KeyboardInterrupt())))
+        with pytest.raises(KeyboardInterrupt):
+            cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
+    ckpt = cd.read_checkpoint(tmp_path / "checkpoint.pt", want="training")
+    assert ckpt["step"] == 100 and ckpt["seconds"] == pytest.approx(30 + 70 * 0.25)
+    clock.now = 1000.0  # another process: its clock starts anywhere
+    monkeypatch.setattr(cd, "diffusion_loss", clock.loss(cd.diffusion_loss))
+    start = clock.now
+    _, history = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path, resume=tmp_path / "checkpoint.pt")
+    trained = ckpt["seconds"] + clock.now - start
+    assert abs(trained - 120) <= cd.TIMED_SHARE * 120

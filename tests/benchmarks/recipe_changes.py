@@ -16,6 +16,9 @@ Changes (none is cat_diffusion's default):
     batch-32    batch 32 (the default before 16: the same images/s on a CPU, half the steps)
     batch-8     batch 8 instead of 16
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
+    muon        Muon (Jordan et al. 2024) for the hidden convolution and linear weights, reshaped to
+                (out, in x k x k), at AdamW's learning rate scaled to match its update RMS
+                (0.2 sqrt(max(out, in)), Liu et al. 2025); AdamW for the rest, as in the default
 
 --ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
@@ -24,10 +27,15 @@ k = 3 / 5 / 10 / 20 / 40. --ema-cap: the caps to keep (each with each k; 1 = nev
 All profiles see the same steps, so they compare without the seed-to-seed spread of separate
 runs; each is scored.
 
-Run it alone on the machine: the run plans its steps from the speed of its first ones.
+Every run previews as `train` does (cat_diffusion.previewer) and prints what its previews cost:
+their count and seconds against the run's. The frames go to OUT/progress.gif.
+
+Run it alone on the machine: the run plans its steps from its measured speed.
 """
 import argparse
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +54,52 @@ def lognormal_noise(x0, generator):
     return (LAMBDA[None] - lam[:, None]).abs().argmin(1).to(t.device), eps
 
 
+class MuonAndAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked `muon` (momentum 0.95, Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's
+    own, which takes 2-D weights only, so a convolution's are reshaped here), AdamW for the others."""
+
+    def __init__(self, params, lr, betas, weight_decay=0.0, eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if group["muon"]:
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - 0.95)
+                    update = p.grad.lerp(buf, 0.95).reshape(len(p), -1)
+                    ortho = torch.optim._muon._zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7)
+                    p.add_(ortho.reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
+                    continue
+                state["step"] = state.get("step", 0) + 1
+                m = state.setdefault("exp_avg", torch.zeros_like(p)).lerp_(p.grad, 1 - b1)
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** state["step"]))
+
+
+def muon_for(params, lr, betas, weight_decay):
+    """cat_diffusion.train's AdamW(model.parameters(), ...) call, answered with MuonAndAdamW: Muon for
+    the hidden weights (2-D and up; not the first convolution nor the output layer), AdamW for the rest."""
+    params = list(params)
+    hidden = [p for p in params if p.ndim >= 2 and p.shape[1] not in (3, 3 + cd.K) and p.shape[0] != 3]
+    rest = [p for p in params if all(p is not h for h in hidden)]
+    return MuonAndAdamW([dict(params=hidden, muon=True), dict(params=rest)], lr, betas, weight_decay)
+
+
+def timed(preview, seconds):
+    """A preview that adds the seconds it takes to `seconds` (a list)."""
+    def timed_preview(*args):
+        tic = time.perf_counter()
+        result = preview(*args)
+        seconds.append(time.perf_counter() - tic)
+        return result
+    return timed_preview
+
+
 # change -> (cat_diffusion names to replace, TrainConfig fields to set, DiffusionModel arguments)
 CHANGES = {"none": ({}, {}, {}),
            "v-mse": ({"loss_weight": torch.ones_like}, {}, {}),
@@ -56,7 +110,8 @@ CHANGES = {"none": ({}, {}, {}),
            "warmup-50": ({}, {"warmup_steps": 50}, {}),
            "batch-32": ({}, {"batch_size": 32}, {}),
            "batch-8": ({}, {"batch_size": 8}, {}),
-           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)})}
+           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
+           "muon": ({}, {}, {})}
 
 
 def keep_profiles(ks, caps, profiles):
@@ -96,9 +151,18 @@ def main():
     profiles = {}
     if args.ema_k:
         cd.make_ema = keep_profiles(args.ema_k, args.ema_cap, profiles)
+    if args.change == "muon":
+        cd.torch.optim.AdamW = muon_for  # train() builds its optimizer with this one call
     torch.manual_seed(args.seed)
-    ema, history = cd.train(cd.DiffusionModel(**model_args), train_set, cd.TrainConfig(
-        minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields), args.out)
+    previews, tic = [], time.perf_counter()
+    cfg = cd.TrainConfig(minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields)
+    ema, history = cd.train(cd.DiffusionModel(**model_args), train_set, cfg, args.out,
+                            preview=timed(cd.previewer(args.out, args.seed, 64), previews))
+    seconds = time.perf_counter() - tic
+    cd.write_timeline(history, args.out / "progress.gif")
+    print(f"previews: {len(previews)} in {sum(previews):.1f} s of the run's {seconds:.0f} s "
+          f"({sum(previews) / seconds:.1%}); {len(history['loss']) * cfg.batch_size / seconds:.1f} training images/s",
+          flush=True)
     for label, model in [(args.change, ema)] if not profiles else \
             [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]:
         r = ce.evaluate(model, train_set.faces, val_set.faces, 1000)
