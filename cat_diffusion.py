@@ -1,7 +1,8 @@
 """cat_diffusion: a small, real denoising diffusion model for cat faces (the CAT dataset).
 
     python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
-    python cat_diffusion.py --minutes 30        # train for a time instead of 50 epochs
+    python cat_diffusion.py --minutes 30        # train for a time instead of 50 epochs (on time, re-planned)
+                                                # outputs/progress.png: the cats as they form
     python cat_diffusion.py --resume            # continue outputs/checkpoint.pt's run
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
     python cat_diffusion.py eval --data DIR     # sample quality against held-out faces (cat_eval.py)
@@ -49,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
@@ -57,8 +58,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_keypoints, make_grid, save_image
 from tqdm import tqdm
 
-HAS_DISPLAY = sys.platform in ("darwin", "win32") or bool(
-    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+HAS_DISPLAY = sys.platform in ("darwin", "win32") or any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY"))
 if not HAS_DISPLAY:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -81,16 +81,6 @@ class Refused(Exception):
     and how to allow it."""
 
 
-def fsync_folder(folder):
-    """Make a rename in `folder` durable (POSIX; elsewhere a no-op)."""
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write(path, write):
     """Write `path` all or nothing: serialise in memory with `write(file)`, then a temporary file
     in the same folder, fsync, rename, fsync the folder. On failure (a full disk, say) the old file
@@ -108,7 +98,12 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        fsync_folder(path.parent)
+        if os.name == "posix":  # the rename made durable (elsewhere there is no folder to fsync)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
@@ -266,8 +261,7 @@ def find_annotated_photos(root):
         except UnicodeEncodeError:
             unnamed.append(photo)
             continue
-        cat = sidecar(photo)
-        if cat:
+        if cat := sidecar(photo):
             pairs.append((photo, cat))
         else:
             missing.append(photo)
@@ -419,22 +413,13 @@ def cached_faces(cache, key, size):
         return None
     faces, marks, names, bad = (data.get(k) for k in ("faces", "landmarks", "names", "bad"))
     well_formed = (
-        isinstance(names, list) and all(isinstance(n, str) for n in names)
-        and isinstance(bad, list) and all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b)
-                                          for b in bad)
+        isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(bad, list)
+        and all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b) for b in bad)
         and isinstance(faces, torch.Tensor) and faces.dtype == torch.uint8
         and faces.shape == (len(names), 3, size, size)
         and isinstance(marks, torch.Tensor) and marks.dtype == torch.float32 and marks.shape == (len(names), K, 2)
         and bool(torch.isfinite(marks).all()))
     return (faces, marks, names, bad) if well_formed else None
-
-
-def report_bad_items(root, bad, show=3):
-    """One line per reason: how many items were skipped and the first few paths."""
-    for reason, items in itertools.groupby(sorted(bad), key=lambda item: item[0]):
-        paths = [path for _, path in items]
-        print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:show])}{', ...' if len(paths) > show else ''}",
-              file=sys.stderr)
 
 
 def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
@@ -447,18 +432,15 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     root, tic, source = Path(root).resolve(), time.perf_counter(), "cache"
     pairs, missing, unnamed = find_annotated_photos(root)
     key = files_fingerprint(root, [p for pair in pairs for p in pair] + missing + unnamed, size, min_face)
-    cache_dir = Path(cache_dir) if cache_dir else CACHE_DIR
     folder_id = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
-    cache = cache_dir / f"faces-{size}px-{folder_id}.pt"
-    cached = cached_faces(cache, key, size)
-    if cached:
+    cache = Path(cache_dir or CACHE_DIR) / f"faces-{size}px-{folder_id}.pt"
+    if cached := cached_faces(cache, key, size):
         faces, marks, names, bad = cached
     else:
         source, results = "aligned", align_all(pairs, size, min_face)
         good = [(p, r) for (p, _), r in zip(pairs, results) if r[0] == "ok"]
-        faces = torch.from_numpy(np.stack([r[1] for _, r in good])) if good else \
-            torch.zeros(0, 3, size, size, dtype=torch.uint8)
-        marks = torch.from_numpy(np.stack([r[2] for _, r in good])) if good else torch.zeros(0, K, 2)
+        faces = torch.from_numpy(np.array([r[1] for _, r in good], np.uint8).reshape(-1, 3, size, size))
+        marks = torch.from_numpy(np.array([r[2] for _, r in good], np.float32).reshape(-1, K, 2))
         names = [str(p.relative_to(root)) for p, _ in good]
         bad = [[r[1], str(Path(r[2]).relative_to(root))] for r in results if r[0] == "bad"]
         bad += [["missing .cat file", str(p.relative_to(root))] for p in missing]
@@ -471,7 +453,10 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     if not quiet:
         print(f"{len(names)} faces of {printable(root)} at {size}px ({source}, {time.perf_counter() - tic:.1f} s; "
               f"cache {cache}); {len(bad)} skipped", file=sys.stderr)
-        report_bad_items(root, bad)
+        for reason, items in itertools.groupby(sorted(bad), key=lambda item: item[0]):  # a line per reason
+            paths = [path for _, path in items]
+            print(f"skipped {len(paths)} in {root}: {reason}: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}",
+                  file=sys.stderr)
     return faces, marks, names, bad
 
 
@@ -513,10 +498,9 @@ class CatDataset(torch.utils.data.Dataset):
                  quiet=False):
         faces, marks, names, self.skipped = load_faces(image_dir, image_size, min_face, cache_dir, quiet)
         if len(names) == 0:
-            raise SystemExit(
-                f"error: no usable annotated cat photos in {Path(image_dir).resolve()} (looked for "
-                f".jpg/.jpeg/.png with .cat files at any depth). Get the CAT dataset (Kaggle: "
-                f"crawford/cat-dataset) and pass --data, or see data/README.md.")
+            raise SystemExit(f"error: no usable annotated cat photos in {Path(image_dir).resolve()} (looked for "
+                             f".jpg/.jpeg/.png with .cat files at any depth). Get the CAT dataset (Kaggle: "
+                             f"crawford/cat-dataset) and pass --data, or see data/README.md.")
         if split is not None:  # either side may be empty for a handful of photos
             keep = [i for i, n in enumerate(names) if in_validation(n, val_percent) == (split == "val")]
             faces, marks, names = faces[keep], marks[keep], [names[i] for i in keep]
@@ -543,19 +527,14 @@ def ellipse(cx, cy, rx, ry, n=28):
     return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], 1)
 
 
-def backdrop(rng, w, h):
-    """A plain, muted backdrop, like a wall: a grey with a slight tint, shaded from top to bottom;
-    bright or patterned backdrops came out as confetti around the sampled faces (RESULTS.md)."""
-    colour = np.clip(rng.uniform(50, 210) + rng.normal(0, 12, 3), 0, 255)
-    shade = np.linspace(1.0, 0.8, h)[:, None, None]
-    return np.broadcast_to(colour * shade, (h, w, 3)).round().astype(np.uint8)
-
-
 def draw_synthetic_cat(rng, photo_size=(256, 192)):
     """One procedurally drawn cat photo and its true 9 landmarks (photo pixels)."""
     scale = 2  # drawn at twice the size, then shrunk, for smooth edges
     w, h = photo_size[0] * scale, photo_size[1] * scale
-    img = Image.fromarray(backdrop(rng, w, h))
+    # a plain, muted backdrop like a wall, shaded from top to bottom: bright or patterned backdrops came out as
+    # confetti around the sampled faces (RESULTS.md)
+    colour = np.clip(rng.uniform(50, 210) + rng.normal(0, 12, 3), 0, 255) * np.linspace(1.0, 0.8, h)[:, None, None]
+    img = Image.fromarray(np.broadcast_to(colour, (h, w, 3)).round().astype(np.uint8))
     draw = ImageDraw.Draw(img)
     marks = SYNTH_LANDMARKS * rng.uniform(0.9, 1.1, SYNTH_LANDMARKS.shape)
     marks[3:] += rng.normal(0, 0.03, (6, 2))
@@ -567,38 +546,26 @@ def draw_synthetic_cat(rng, photo_size=(256, 192)):
     def place(p):
         return [tuple(q) for q in (np.asarray(p) * width) @ rot + center]
 
-    fur = np.array(FUR[rng.integers(len(FUR))]) + rng.integers(-20, 21, 3)
-    dark = tuple(int(c) for c in np.clip(fur * rng.uniform(0.3, 0.6), 0, 255))
-    fur = tuple(int(c) for c in np.clip(fur, 0, 255))
+    fur = tuple(int(c) for c in np.clip(np.array(FUR[rng.integers(len(FUR))]) + rng.integers(-20, 21, 3), 0, 255))
     inner = tuple(int(c) for c in rng.integers(180, 256, 3) * np.array([1, 0.7, 0.75]))
-    head_rx, head_ry = rng.uniform(0.54, 0.6), rng.uniform(0.48, 0.54)
     for ear in (marks[list(ear)] for ear in EARS):
         draw.polygon(place(ear), fill=fur)
         draw.polygon(place(ear.mean(0) + 0.6 * (ear - ear.mean(0))), fill=inner)
-    draw.polygon(place(ellipse(0, 0.02, head_rx, head_ry)), fill=fur)
-    pattern = rng.integers(3)
-    if pattern == 1:  # tabby stripes on the forehead
-        for k in (-0.12, 0, 0.12):
-            draw.line(place([[k, -0.38], [k * 0.6, -0.14]]), fill=dark, width=max(1, int(width * 0.03)))
-    elif pattern == 2:  # white muzzle and chest
+    draw.polygon(place(ellipse(0, 0.02, rng.uniform(0.54, 0.6), rng.uniform(0.48, 0.54))), fill=fur)
+    if rng.random() < 1 / 3:  # a white muzzle and chest
         draw.polygon(place(ellipse(0, 0.3, 0.28, 0.2)), fill=(240, 238, 232))
-    eye_colour = EYES[rng.integers(len(EYES))]
-    eye_r, pupil = rng.uniform(0.06, 0.09), rng.uniform(0.015, 0.04)
+    eye_colour, eye_r, pupil = EYES[rng.integers(len(EYES))], rng.uniform(0.06, 0.09), rng.uniform(0.015, 0.04)
     for eye in marks[:2]:
         draw.polygon(place(ellipse(eye[0], eye[1], eye_r, eye_r * 0.85)), fill=eye_colour)
         draw.polygon(place(ellipse(eye[0], eye[1], pupil, eye_r * 0.75)), fill=(10, 10, 10))
-    mouth = marks[2]
-    draw.polygon(place([mouth + [-0.045, -0.09], mouth + [0.045, -0.09], mouth + [0, -0.04]]),
-                 fill=(230, 120, 130))
-    line = max(1, int(width * 0.012))
-    draw.line(place([mouth + [0, -0.04], mouth, mouth + [-0.06, 0.03]]), fill=dark, width=line)
-    draw.line(place([mouth, mouth + [0.06, 0.03]]), fill=dark, width=line)
-    for side in (-1, 1):
-        for dy in (-0.04, 0, 0.04):
-            draw.line(place([mouth + [side * 0.08, -0.04], mouth + [side * 0.42, dy * 2 - 0.05]]),
-                      fill=(235, 235, 235), width=line)
-    photo = img.reduce(scale)
-    return photo, (np.asarray(place(marks)) / scale)
+    mouth, line = marks[2], max(1, int(width * 0.012))
+    draw.polygon(place([mouth + [-0.045, -0.09], mouth + [0.045, -0.09], mouth + [0, -0.04]]), fill=(230, 120, 130))
+    draw.line(place([mouth + [-0.06, 0.03], mouth, mouth + [0, -0.04], mouth, mouth + [0.06, 0.03]]),
+              fill=(50, 35, 30), width=line)
+    for side, dy in itertools.product((-1, 1), (-0.04, 0, 0.04)):  # whiskers
+        draw.line(place([mouth + [side * 0.08, -0.04], mouth + [side * 0.42, dy * 2 - 0.05]]), fill=(235, 235, 235),
+                  width=line)
+    return img.reduce(scale), np.asarray(place(marks)) / scale
 
 
 def write_synthetic_dataset(folder, count=700, seed=0):
@@ -713,10 +680,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Stage(nn.Module):
@@ -724,8 +689,7 @@ class Stage(nn.Module):
 
     def __init__(self, c_in, c_out, blocks, emb_dim, dropout, attention):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            ResBlock(c_in if i == 0 else c_out, c_out, emb_dim, dropout) for i in range(blocks))
+        self.blocks = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out, emb_dim, dropout) for i in range(blocks))
         self.attns = nn.ModuleList(Attention(c_out) if attention else nn.Identity() for _ in range(blocks))
 
     def forward(self, x, emb):
@@ -770,9 +734,8 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"image_size must be divisible by 8 (three halvings), got {image_size}")
         if len(channel_mults) != 4:
             raise ValueError("channel_mults needs 4 entries: three encoder stages and the middle")
-        self.config = dict(image_size=image_size, base_channels=base_channels,
-                           channel_mults=list(channel_mults), blocks=blocks,
-                           attention_below=attention_below, dropout=dropout, landmarks=landmarks,
+        self.config = dict(image_size=image_size, base_channels=base_channels, channel_mults=list(channel_mults),
+                           blocks=blocks, attention_below=attention_below, dropout=dropout, landmarks=landmarks,
                            student_steps=student_steps)
         ch = [base_channels * m for m in channel_mults]
         res = [image_size >> i for i in range(4)]
@@ -848,9 +811,8 @@ def predict_x0_eps(v, x_t, alpha_bar_t):
 def draw_noise(x0, generator):
     """t uniform over the schedule and eps ~ N(0, I), one of each per image (Ho et al. 2020, algorithm 1);
     EDM's log-normal noise levels did worse here, SWD 65.8 against 33.9 (RESULTS.md)."""
-    t = torch.randint(0, T, (len(x0),), device=x0.device, generator=generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last)
-    return t, eps
+    return (torch.randint(0, T, (len(x0),), device=x0.device, generator=generator),
+            torch.randn(x0.shape, device=x0.device, generator=generator).to(memory_format=torch.channels_last))
 
 
 def loss_weight(snr):
@@ -883,9 +845,7 @@ def pick_device(name="auto"):
 
 def rank_and_world():
     """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def barrier():
@@ -916,6 +876,11 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+def seeded_generator(model, seed):
+    """A random generator on `model`'s device, seeded with `seed`."""
+    return torch.Generator(model_device(model)).manual_seed(seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -926,7 +891,7 @@ class TrainConfig:
     ("Choices recorded in the code", "Optimiser settings")."""
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
-    preview_every: float | None = None  # minutes between previews (see preview_interval); None: a tenth of the run; 0: none
+    preview_every: float | None = None  # minutes between previews (see preview_interval); None: a tenth of the run
     batch_size: int = 16  # twice batch 32's steps in the same time: better cats within the hour
     lr: float = 2e-3
     warmup_steps: int = 200
@@ -967,15 +932,14 @@ def warmup_cosine(step, warmup, total):
         return (step + 1) / warmup
     if total is None:
         return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 # A run of --minutes times its steps over each twentieth of its time (after its first step, which compiles)
 # and moves its end to what the rest of the time holds: a few dozen steps misjudge a GPU's speed, and a
 # plan fixed once, while another program ran, left a distillation with a tenth of the steps it had time for.
 TIMED_SHARE = 1 / 20
-REPLAN_NOTE = 0.05  # a new plan this much off the last is said in the log
+REPLAN_NOTE = 0.05  # a plan this much off the last one said is said in the log
 MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would never plan its steps)
 # An epoch's end writes a checkpoint only this many seconds after the last one: a GPU runs an epoch in under
 # a second, and a write after each slowed its loop by a tenth.
@@ -1021,8 +985,7 @@ def validation_loss(model, dataset, device, dtype, batch_size=64):
     g = torch.Generator(device).manual_seed(1234)
     alpha_bar, total = ALPHA_BAR.to(device), 0.0
     for i in range(0, len(dataset), batch_size):
-        x0, marks = make_batch(dataset.faces, dataset.landmarks, torch.arange(i, min(i + batch_size, len(dataset))),
-                               None, device)
+        x0, marks = make_batch(dataset.faces, dataset.landmarks, slice(i, i + batch_size), None, device)
         cond = marks if model.config["landmarks"] else None
         with autocast(device, dtype):
             total += diffusion_loss(model, x0, *draw_noise(x0, g), alpha_bar, cond).item() * len(x0)
@@ -1060,16 +1023,11 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
                               f"(resume with the run's own, or start a new run)")
     if total is not None and total < ckpt["step"]:
         length = f"{cfg.minutes} minutes" if cfg.minutes else f"{cfg.epochs} epochs"
-        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {length} "
-                              f"are only {total}")
-    changes = []
-    if cfg.lr != saved["lr"]:
-        changes.append(f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}")
-    if cfg.minutes is None and cfg.epochs != saved["epochs"]:
-        changes.append(f"epochs {saved['epochs']} -> {cfg.epochs}: the cosine decay is re-planned over "
-                       f"{total} steps")
-    if cfg.minutes is not None and cfg.minutes != saved.get("minutes"):
-        changes.append(f"minutes {saved.get('minutes')} -> {cfg.minutes}: the cosine decay is re-planned over "
+        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {length} are only {total}")
+    changes = [f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}"] if cfg.lr != saved["lr"] else []
+    length = "epochs" if cfg.minutes is None else "minutes"
+    if getattr(cfg, length) != saved.get(length):
+        changes.append(f"{length} {saved.get(length)} -> {getattr(cfg, length)}: the cosine decay is re-planned over "
                        f"{total or 'newly timed'} steps")
     return changes
 
@@ -1196,9 +1154,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     alpha_bar = ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
-    history, step, fingerprint, outputs = {"loss": [], "val": [], "frames": [], "preview_every": None}, 0, \
-        data_fingerprint(data), {}
-    spent = 0.0  # the run's training seconds before this process
+    history = {"loss": [], "val": [], "frames": [], "preview_every": None}
+    step, fingerprint, outputs, spent = 0, data_fingerprint(data), {}, 0.0  # spent: seconds of earlier processes
     if resume:
         ckpt = read_checkpoint(resume, want="training")
         outputs = ckpt.get("outputs", {})  # the files an earlier end of this run wrote (see record_outputs)
@@ -1207,6 +1164,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
         changes = check_resume(resume, ckpt, model, cfg, fingerprint, total)
         restored, step = restore(resume, ckpt, model, ema, opt, sched, noise_gen, cfg.lr)
         history, spent = {**history, **restored}, ckpt.get("seconds", 0.0)
+        if cfg.preview_every != ckpt["train_config"].get("preview_every"):  # a new --preview-every: planned anew
+            history["preview_every"] = None
         if rank == 0:
             print(f"resuming {resume} at step {step}" + "".join(f"; {c}" for c in changes), file=sys.stderr)
     if rank == 0:
@@ -1222,14 +1181,13 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                                     f"{cfg.lr} may be too high); {kept_note(kept, out_dir)}")
         state = dict(kind="training", model_config=model.config, train_config=dataclasses.asdict(cfg),
                      model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                     scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(),
-                     torch_rng=torch.get_rng_state(), step=step, epoch=step // steps_per_epoch, total=total,
-                     history=history, data=fingerprint, settings=settings or {}, outputs=outputs,
-                     seconds=spent + time.perf_counter() - tic)
+                     scheduler=sched.state_dict(), noise_rng=noise_gen.get_state(), torch_rng=torch.get_rng_state(),
+                     step=step, epoch=step // steps_per_epoch, total=total, history=history, data=fingerprint,
+                     settings=settings or {}, outputs=outputs, seconds=spent + time.perf_counter() - tic)
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
         return step
 
-    pending, tic, seen, order, timer, pictures = [], time.perf_counter(), 0, None, None, {}
+    pending, tic, first, order, timer, pace, said, pictures = [], time.perf_counter(), step, None, None, None, None, {}
     previews = preview is not None and cfg.preview_every != 0
     written = tic  # when the last checkpoint was written (or the run started)
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
@@ -1244,30 +1202,30 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
             mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
             parts = [[None if v is None else v[part] for v in whole] for part in mine.split(micro)]
             opt.zero_grad(set_to_none=True)
-            loss = accumulate(net, objective, parts, alpha_bar, dtype, world)
+            pending.append(accumulate(net, objective, parts, alpha_bar, dtype, world))
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             ema.update_parameters(model)
-            pending.append(loss)
-            seen += len(idx)
             # The speed is timed after this process's first step (which compiles), each window anew: a timed
             # run plans its total from it, and previews set in minutes their interval. Rank 0 decides for
             # every process, every 10th step and the last (a decision syncs the processes).
             timer, now, every = timer or (step, time.perf_counter()), time.perf_counter(), history["preview_every"]
             window = TIMED_SHARE * 60 * (cfg.minutes or cfg.preview_every or 0)
-            if (cfg.minutes is not None or previews and not every) and (step % 10 == 0 or step == total) and step > timer[0] \
-                    and agree(int(now - timer[1] >= window), device, world):
+            if (cfg.minutes is not None or previews and not every) and (step % 10 == 0 or step == total) \
+                    and step > timer[0] and agree(int(now - timer[1] >= window), device, world):
                 per_step, timer = (now - timer[1]) / (step - timer[0]), (step, now)
+                pace = per_step if pace is None else (pace + per_step) / 2  # windows scatter by 10% (RESULTS.md)
                 if cfg.minutes is not None:
-                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, per_step), device, world)
-                    if rank == 0 and (total is None or abs(planned - total) > REPLAN_NOTE * total):
-                        end = datetime.datetime.now() + datetime.timedelta(seconds=(planned - step) * per_step)
-                        tqdm.write(f"{cfg.minutes:g} minutes: {planned} steps {'re-' * (total is not None)}planned at "
-                                   f"{per_step:.3f} s a step; training ends at about {end:%H:%M}", file=sys.stderr)
+                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, pace), device, world)
+                    if rank == 0 and (said is None or abs(planned - said) > REPLAN_NOTE * said):
+                        end = datetime.datetime.now() + datetime.timedelta(seconds=(planned - step) * pace)
+                        tqdm.write(f"{cfg.minutes:g} minutes: {planned} steps {'re-' * (said is not None)}planned at "
+                                   f"{pace:.3f} s a step; training ends at about {end:%H:%M}", file=sys.stderr)
+                        said = planned
                     total = bar.total = planned
                 if previews and not every:
-                    wanted = round(60 * cfg.preview_every / per_step) if cfg.preview_every else total // PREVIEWS
+                    wanted = round(60 * cfg.preview_every / pace) if cfg.preview_every else total // PREVIEWS
                     history["preview_every"] = every = agree(preview_interval(wanted, batch), device, world)
             end_of_epoch = step % steps_per_epoch == 0
             # the last frame is the finished model's, instead of one less than `every` steps before it
@@ -1283,7 +1241,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                 history["loss"] += losses
                 bar.update(len(losses))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1,
-                                img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+                                img_s=f"{(step - first) * batch / (time.perf_counter() - tic):.0f}")
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
             if rank == 0 and at_preview:  # a picture's digests: the one the run wrote last, and this one
@@ -1367,8 +1325,7 @@ def dpmpp_2m_step(x, x0, x0_prev, ab, ab_next, h_prev):
     Returns (x_next, h); the first step has no history and is first order."""
     h = half_log_snr(ab_next) - half_log_snr(ab)
     d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h
-    sigma_ratio = ((1 - ab_next) / (1 - ab)).sqrt()
-    return sigma_ratio * x - ab_next.sqrt() * torch.expm1(-h) * d, h
+    return ((1 - ab_next) / (1 - ab)).sqrt() * x - ab_next.sqrt() * torch.expm1(-h) * d, h
 
 
 def log_snr_grid(t_start, t_end, n):
@@ -1490,9 +1447,9 @@ def png_bytes(picture):
 
 def captioned(grid, text):
     """A uint8 image grid (3, H, W) as a PIL image with the lines of `text` below it."""
-    image = Image.new("RGB", (grid.shape[2], grid.shape[1] + 13 * (text.count("\n") + 1) + 4), "white")
+    image = Image.new("RGB", (grid.shape[2], grid.shape[1] + 16 * (text.count("\n") + 1) + 4), "white")
     image.paste(TF.to_pil_image(grid))
-    ImageDraw.Draw(image).multiline_text((3, grid.shape[1] + 2), text, fill="black", spacing=3)
+    ImageDraw.Draw(image).multiline_text((3, grid.shape[1] + 2), text, "black", ImageFont.load_default(13), spacing=3)
     return image
 
 
@@ -1514,8 +1471,7 @@ def plot_loss(history, path=None):
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(np.arange(k, len(loss) + 1), smooth, color="tab:blue", lw=2, label=f"mean of {k} steps")
     if history["val"]:
-        steps, val = zip(*history["val"])
-        ax.plot(steps, val, "o-", color="tab:orange", label="validation (EMA weights)")
+        ax.plot(*zip(*history["val"]), "o-", color="tab:orange", label="validation (EMA weights)")
     ax.set(xlabel="step", ylabel="MSE (v-prediction)", yscale="log", title="Training loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -1528,8 +1484,7 @@ def plot_loss(history, path=None):
 def plot_reconstructions(model, images, path, strength=0.5, seed=0, landmarks=None):
     """Real faces, the same faces noised to `strength` of the schedule, and the model's DDIM
     reconstructions from there (`sdedit`)."""
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    noisy, recon = sdedit(model, images, strength, g, landmarks)
+    noisy, recon = sdedit(model, images, strength, seeded_generator(model, seed), landmarks)
     fig, axes = plt.subplots(3, 1, figsize=(1.1 * len(images), 4))
     titles = ("real", f"noised (t = {round(strength * (T - 1))})", "denoised")
     for ax, row, title in zip(axes, (images, noisy, recon), titles):
@@ -1544,12 +1499,11 @@ def plot_reconstructions(model, images, path, strength=0.5, seed=0, landmarks=No
 def plot_denoising(model, path, n=6, snapshots=8, sampler=None, steps=None, seed=0):
     """A few samples from noise to image: the state x at evenly spaced steps, then the result."""
     states = []
-    g = torch.Generator(model_device(model)).manual_seed(seed)
-    sample(model, n, sampler, steps, generator=g, progress=False,
+    sample(model, n, sampler, steps, generator=seeded_generator(model, seed), progress=False,
            on_step=lambda i, x, x0: states.append(x.clamp(-1, 1).cpu()))
     keep = np.linspace(0, len(states) - 1, snapshots).round().astype(int)
-    grid = torch.stack([states[i] for i in keep], 1).flatten(0, 1)  # row per sample, column per snapshot
-    write_png(to_unit(grid), path, nrow=len(keep))
+    # a row per sample, a column per snapshot
+    write_png(to_unit(torch.stack([states[i] for i in keep], 1).flatten(0, 1)), path, nrow=len(keep))
 
 
 def previewer(out, seed, size):
@@ -1710,21 +1664,12 @@ def model_path(name):
 
 def save_model(model, name, layouts=None):
     """Write `name.pth` atomically: {"class": "DiffusionModel", "config": model.config, "state_dict": weights},
-    with a landmark model's `layouts` (see `layout_stats`)."""
+    with a landmark model's `layouts` (see `layout_stats`; cat_studio's `stored_layouts` reads them)."""
     path = model_path(name)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save({"kind": "model", "class": type(model).__name__, "config": model.config,
                                              "state_dict": state, **({"layouts": layouts} if layouts else {})}, f))
     return path
-
-
-def stored_layouts(name):
-    """The landmark layouts a model file keeps (see `layout_stats`), or None."""
-    layouts = read_checkpoint(model_path(name)).get("layouts")
-    shapes = {"mean": (K, 2), "cov": (2 * K, 2 * K)}
-    ok = isinstance(layouts, dict) and all(torch.is_tensor(layouts.get(k)) and layouts[k].shape == shape and
-                                           torch.isfinite(layouts[k]).all() for k, shape in shapes.items())
-    return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
 
 
 SAMPLING_ONLY = ("student_steps",)  # settings that change no weight: load_model takes them from the file
@@ -1779,9 +1724,8 @@ def load_model(model, name, device="cpu"):
     config = checked_config(cls, ckpt.get("config" if ckpt["kind"] == "model" else "model_config"), path)
     loaded = cls(**config)  # loaded apart, so that a refused file leaves `model` as it was
     try:
-        weights = ckpt["state_dict"] if ckpt["kind"] == "model" else \
-            {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        loaded.load_state_dict(weights)
+        loaded.load_state_dict(ckpt["state_dict"] if ckpt["kind"] == "model" else {
+            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")})
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[1:2] or type(e).__name__
         raise CheckpointError(f"{path}: weights do not fit the model: {reason}") from None
@@ -1792,8 +1736,8 @@ def load_model(model, name, device="cpu"):
             model.load_state_dict(loaded.state_dict())
             loaded = model
         else:
-            print(f"{path}: a {cls.__name__} with " + ", ".join(f"{k}={v!r}" for k, v in config.items() if given.get(k) != v)
-                  + " (the model given differs): load_model returns it", file=sys.stderr)
+            differs = ", ".join(f"{k}={v!r}" for k, v in config.items() if given.get(k) != v)
+            print(f"{path}: a {cls.__name__} with {differs} (the model given differs): load_model returns it", file=sys.stderr)
     return loaded.to(device).eval()
 
 
@@ -1957,23 +1901,16 @@ def name_arg(text):
     return text
 
 
-def existing_file(text):
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return Path(text)
+def existing(test, what):
+    """An argparse type: a path for which `test` (Path.is_file or Path.is_dir) holds, else "no such `what`"."""
+    def parse(text):
+        if not test(Path(text)):
+            raise argparse.ArgumentTypeError(f"no such {what}: {text}")
+        return Path(text)
+    return parse
 
 
-def existing_dir(text):
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {text}")
-    return Path(text)
-
-
-def finish_figures(out, names):
-    print("wrote " + ", ".join(str(out / n) for n in names))
-    if HAS_DISPLAY:
-        plt.show()
-    plt.close("all")
+existing_file, existing_dir = existing(Path.is_file, "file"), existing(Path.is_dir, "folder")
 
 
 # The default model is too small to fill a GPU at the CPU's batch: batch 256, compiled, runs 9x the images a
@@ -2047,10 +1984,9 @@ def run_train(args):
         if rank == 0:
             print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
-    cfg = config_of(args)
     settings = settings_of(args, data=data_dir, name=model_file)
     args.out.mkdir(parents=True, exist_ok=True)
-    ema, history = train(model, train_set, cfg, args.out, val_set, resume=args.resume, settings=settings,
+    ema, history = train(model, train_set, config_of(args), args.out, val_set, resume=args.resume, settings=settings,
                          preview=previewer(args.out, args.seed, args.image_size))
     if rank > 0:
         return
@@ -2059,14 +1995,15 @@ def run_train(args):
     print(f"saved {path}")
     plot_loss(history, args.out / "loss_curve.png")
     shown = val_set or train_set
-    k = min(8, len(shown))
-    plot_reconstructions(ema, to_model_range(shown.faces[:k]), args.out / "reconstructions.png",
-                         landmarks=shown.landmarks[:k] if args.landmarks else None)
-    g = torch.Generator(model_device(ema)).manual_seed(args.seed)
-    write_png(to_unit(sample(ema, 64, generator=g)), args.out / "samples.png", nrow=8)
+    plot_reconstructions(ema, to_model_range(shown.faces[:8]), args.out / "reconstructions.png",
+                         landmarks=shown.landmarks[:8] if args.landmarks else None)
+    write_png(to_unit(sample(ema, 64, generator=seeded_generator(ema, args.seed))), args.out / "samples.png", nrow=8)
     plot_denoising(ema, args.out / "denoising.png")
     record_outputs(args.out / "checkpoint.pt", [model_file] + [args.out / f for f in TRAIN_OUTPUTS[1:]])
-    finish_figures(args.out, TRAIN_OUTPUTS[1:])
+    print("wrote " + ", ".join(str(args.out / n) for n in TRAIN_OUTPUTS[1:]))
+    if HAS_DISPLAY:
+        plt.show()
+    plt.close("all")
 
 
 def open_model(args, *outputs):
@@ -2082,7 +2019,7 @@ def open_model(args, *outputs):
 def run_distill(args):
     torch.manual_seed(args.seed)
     teacher = load_model(None, args.model, pick_device(args.device))
-    layouts = stored_layouts(args.model)
+    layouts = read_checkpoint(model_path(args.model)).get("layouts")  # the studio checks them when it loads
     try:
         check_student_steps(teacher, args.steps)
     except ValueError as e:
@@ -2096,16 +2033,15 @@ def run_distill(args):
     train_set = CatDataset(args.data, teacher.config["image_size"], split="train")
     if len(train_set) == 0:
         raise SystemExit(f"error: --data {args.data}: no faces to distil on (the teacher's training data)")
-    cfg = config_of(args, DISTILL)
     settings = dict(settings_of(args, model=args.model, data=args.data, name=model_file), teacher=fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
-    student, history = distill(teacher, train_set, args.steps, cfg, args.out, resume=args.resume, settings=settings,
-                               preview=previewer(args.out, args.seed, teacher.config["image_size"]))
+    student, history = distill(teacher, train_set, args.steps, config_of(args, DISTILL), args.out, resume=args.resume,
+                               settings=settings, preview=previewer(args.out, args.seed, teacher.config["image_size"]))
     path = save_model(student, model_file, layouts)
     write_timeline(history, args.out / "progress.gif")
     print(f"saved {path}: samples in {args.steps} steps (sample, eval and generate() use them by default)")
-    g = torch.Generator(model_device(teacher)).manual_seed(args.seed)
-    noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher), generator=g)
+    noise = torch.randn(8, 3, *[teacher.config["image_size"]] * 2, device=model_device(teacher),
+                        generator=seeded_generator(teacher, args.seed))
     own = sampler_of(teacher)
     rows = [sample(m, 8, sampler, steps, x=noise.clone(), progress=False)  # the same noises, row by row
             for m, sampler, steps in ((teacher, *own), (teacher, own[0], args.steps), (student, None, None))]
@@ -2130,9 +2066,8 @@ def run_sample(args):
             marks = align_landmarks(parse_cat_file(cat))
         except BadItem as e:
             raise BadItem(f"{cat}: {e}") from None
-    g = torch.Generator(model_device(model)).manual_seed(args.seed)
-    images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=g, precision=args.precision,
-                            landmarks=marks, guidance=guidance_of(model, args.guidance)))
+    images = to_unit(sample(model, args.n, args.sampler, args.steps, generator=seeded_generator(model, args.seed),
+                            precision=args.precision, landmarks=marks, guidance=guidance_of(model, args.guidance)))
     write_png(images, grid, nrow=8)
     for image, path in zip(images, singles):
         write_png(image, path)
@@ -2151,8 +2086,7 @@ def run_reconstruct(args):
                         progress=False)
         what = f"DDIM inversion and back, {args.steps} steps"
     else:
-        middle, result = sdedit(model, x0, args.strength, torch.Generator(x0.device).manual_seed(args.seed), cond,
-                                args.steps)
+        middle, result = sdedit(model, x0, args.strength, seeded_generator(model, args.seed), cond, args.steps)
         what = f"SDEdit from strength {args.strength}"
     write_png(to_unit(torch.cat([x0, middle.clamp(-1, 1), result])), path, nrow=3)
     print(f"{args.photo}: {what}: PSNR {psnr(result, x0):.2f} dB; wrote {path} (face, noise, result)")
@@ -2161,8 +2095,7 @@ def run_reconstruct(args):
 def run_interpolate(args):
     model, (strip, gif) = open_model(args, "interpolation.png", "interpolation.gif")
     (face_a, _, cond_a), (face_b, _, cond_b) = (face_of_photo(p, model) for p in args.photos)
-    faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps,
-                        cond_a, cond_b)
+    faces = interpolate(model, to_model_range(face_a), to_model_range(face_b), args.frames, args.steps, cond_a, cond_b)
     write_png(to_unit(faces), strip, nrow=args.frames)
     frames = [TF.to_pil_image(face) for face in to_unit(faces)]
     write_gif(frames + frames[-2:0:-1], gif, 150)  # forwards, then back
@@ -2173,9 +2106,9 @@ def run_inpaint(args):
     model, (path,) = open_model(args, "inpaint.png")
     face, marks, cond = face_of_photo(args.photo, model)
     mask = region_mask(marks, model.config["image_size"], args.region)
-    g = torch.Generator(model_device(model)).manual_seed(args.seed)
     x0 = to_model_range(face)
-    results = inpaint(model, x0, mask, args.n, args.steps, generator=g, landmarks=cond, precision=args.precision)
+    results = inpaint(model, x0, mask, args.n, args.steps, generator=seeded_generator(model, args.seed), landmarks=cond,
+                      precision=args.precision)
     shown = torch.cat([x0[None], torch.where(mask, 0.0, x0)[None], results.cpu()])
     write_png(to_unit(shown), path, nrow=len(shown))
     print(f"wrote {path} (face, the region to regenerate in grey, {args.n} versions)")
@@ -2217,9 +2150,8 @@ def shared_options():
     common.add_argument("--overwrite", action="store_true", help="replace files that exist (else the command refuses)")
     size.add_argument("--image-size", type=in_range(int, *limits["image_size"], multiple=8), default=model["image_size"],
                       help="face size in pixels")
-    width.add_argument("--width", type=in_range(int, *limits["base_channels"]), default=None,
-                       help=f"base channels of the model (default {model['base_channels']}; train on a GPU "
-                            f"{GPU_RECIPE['width']})")
+    width.add_argument("--width", type=in_range(int, *limits["base_channels"]), default=None, help=f"base channels "
+                       f"of the model (default {model['base_channels']}; train on a GPU {GPU_RECIPE['width']})")
     width.add_argument("--blocks", type=in_range(int, *limits["blocks"]), default=model["blocks"],
                        help="residual blocks per stage")
     batch.add_argument("--batch-size", type=positive_int, default=None,
@@ -2362,9 +2294,10 @@ def parse_args(argv):
             parser.error(f"argument --resume: no such file: {resume}")
         ckpt = read_checkpoint(resume, want="training")
         saved, outputs = ckpt.get("settings"), ckpt.get("outputs", {})
-        outputs = {k: [v] if isinstance(v, str) else v for k, v in outputs.items()} if isinstance(outputs, dict) else None
-        if not isinstance(saved, dict) or not isinstance(outputs, dict) or not all(
-                isinstance(k, str) and isinstance(v, list) and all(isinstance(d, str) for d in v) for k, v in outputs.items()):
+        if isinstance(outputs, dict):  # an output's digests: a list (an older checkpoint kept one string)
+            outputs = {k: [v] if isinstance(v, str) else v for k, v in outputs.items()}
+        if not isinstance(saved, dict) or not isinstance(outputs, dict) or not all(isinstance(k, str) and isinstance(
+                v, list) and all(isinstance(d, str) for d in v) for k, v in outputs.items()):
             raise CheckpointError(f"{resume}: damaged run settings")
         if ("teacher" in saved) != (args.command == "distill"):
             other = "distill" if "teacher" in saved else "train"
@@ -2374,10 +2307,10 @@ def parse_args(argv):
         saved = {k: str(folder / v) if k in ("data", "name", "model") and isinstance(v, str) else v
                  for k, v in saved.items()}
         defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
-        parser = build_parser(args.command, (args.command, {**defaults, "out": resume.parent}))
-        args = parser.parse_args(argv)
+        args = build_parser(args.command, (args.command, {**defaults, "out": resume.parent})).parse_args(argv)
         args.resume, args.run_settings = resume, saved
-        args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()}, str(resume.resolve()): [file_digest(resume)]}
+        args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()},
+                            str(resume.resolve()): [file_digest(resume)]}
     return args
 
 

@@ -23,10 +23,20 @@ import torch
 from PIL import Image
 
 from cat_diffusion import (EARS, LANDMARKS, K, MAX_GUIDANCE, REGIONS, SYNTH_LANDMARKS, align_landmarks, guidance_of,
-                           inpaint, load_model, model_device, morph, pick_device, region_mask, sample, sampler_of,
-                           stored_layouts, to_unit)
+                           inpaint, load_model, model_device, model_path, morph, pick_device, read_checkpoint,
+                           region_mask, sample, sampler_of, to_unit)
 
 PAGE = Path(__file__).with_name("cat_studio.html")
+
+
+def stored_layouts(name):
+    """The landmark layouts a model file keeps (see cat_diffusion's `layout_stats`), or None."""
+    layouts = read_checkpoint(model_path(name)).get("layouts")
+    shapes = {"mean": (K, 2), "cov": (2 * K, 2 * K)}
+    ok = isinstance(layouts, dict) and all(torch.is_tensor(layouts.get(k)) and layouts[k].shape == shape and
+                                           torch.isfinite(layouts[k]).all() for k, shape in shapes.items())
+    return {k: layouts[k].float() for k in ("mean", "cov")} if ok else None
+
 
 class ApiError(Exception):
     """A request the studio refuses: its HTTP status and a one-line reason."""
