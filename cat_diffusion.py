@@ -111,9 +111,10 @@ def atomic_write(path, write):
                                f"any earlier {path.name} is unchanged") from None
 
 
-def file_digest(path):
-    """sha256 of a file's bytes: how a run recognises the files it wrote when it resumes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_digest(path, data=None):
+    """sha256 of a file's bytes (or of `data`, the bytes about to be written there): how a run
+    recognises the files it wrote when it resumes."""
+    return hashlib.sha256(Path(path).read_bytes() if data is None else data).hexdigest()
 
 
 def run_relative(path, folder):
@@ -1248,8 +1249,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                 caption = f"step {step:,}\n{step * batch:,} faces seen\nloss {history['loss'][-1]:.4f}"
                 frame, pictures = preview(ema.module, history, f"{caption}, {(spent + now - tic) / 60:.1f} min")
                 history["frames"].append((caption, frame))
-                for key, png in ((run_relative(path, out_dir), png) for path, png in pictures.items()):
-                    outputs[key] = [*outputs.get(key, [])[-1:], hashlib.sha256(png).hexdigest()]
+                for key, path, png in ((run_relative(path, out_dir), path, png) for path, png in pictures.items()):
+                    outputs[key] = [*outputs.get(key, [])[-1:], file_digest(path, png)]
             if rank == 0 and at_checkpoint:  # the weights are checked on this step's first micro-batch
                 x0, t, eps, cond = parts[0]
                 kept = checkpoint(step, lambda m: objective(m, x0, t, eps, alpha_bar, cond))
@@ -1737,7 +1738,8 @@ def load_model(model, name, device="cpu"):
             loaded = model
         else:
             differs = ", ".join(f"{k}={v!r}" for k, v in config.items() if given.get(k) != v)
-            print(f"{path}: a {cls.__name__} with {differs} (the model given differs): load_model returns it", file=sys.stderr)
+            print(f"{path}: a {cls.__name__} with {differs} (the model given differs): load_model returns it",
+                  file=sys.stderr)
     return loaded.to(device).eval()
 
 
