@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cat_diffusion import (ALPHA_BAR, K, SAMPLERS, CatDataset, CheckpointError, DiffusionModel, TrainConfig,
                            atomic_write, autocast, autocast_dtype, claim_outputs, defaults_of, diffusion_loss,
-                           draw_noise, epoch_order, group_norm, guidance_of, load_model,
+                           draw_noise, epoch_order, group_norm, guidance_of, load_model, make_optimizer,
                            make_batch, model_device, model_path, pick_device, sample, sampler_of, save_model,
                            to_model_range)
 
@@ -244,7 +244,7 @@ def benchmark(model, batch_size, device, precision, train_steps=5, sample_steps=
     dtype = autocast_dtype(device, precision)
     model.to(device, memory_format=torch.channels_last).train()
     size = model.config["image_size"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))  # the training loop's: Muon's iterations cost time
     g = torch.Generator(device).manual_seed(0)
     faces = torch.randint(0, 256, (dataset_size, 3, size, size), dtype=torch.uint8, device=device)
     marks = torch.zeros(dataset_size, 9, 2, device=device)

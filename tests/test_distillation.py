@@ -159,9 +159,11 @@ def test_distill_trains_with_its_own_settings_not_trains(photos, tmp_path, monke
     monkeypatch.setattr(cd, "CACHE_DIR", tmp_path / "face-cache")
     cd.main(["distill", "--model", str(tmp_path / "T.pth"), "--data", str(photos), "--steps", "2",
              "--out", str(tmp_path / "out"), "--name", str(tmp_path / "S"), "--precision", "fp32", "--device", "cpu"])
-    used = cd.read_checkpoint(tmp_path / "out" / "checkpoint.pt", want="training")["train_config"]
+    ckpt = cd.read_checkpoint(tmp_path / "out" / "checkpoint.pt", want="training")
+    used, (muon, _) = ckpt["train_config"], ckpt["optimizer"]["param_groups"]
     assert {k: used[k] for k in cd.DISTILL} == cd.DISTILL
     assert used["batch_size"] != cd.TrainConfig.batch_size and used["betas"] != cd.TrainConfig.betas
+    assert muon["params"] == []  # students were measured with AdamW alone
 
 
 def test_distill_refuses_a_teacher_of_the_wrong_kind_in_one_line(distilled, photos, tmp_path, capsys):

@@ -13,6 +13,11 @@ TINY = ["--image-size", "16", "--width", "8", "--epochs", "3", "--batch-size", "
         "--checkpoint-every", "1000", "--device", "cpu"]
 
 
+# DDP sums the gradients in another order than one process; Muon's bf16 Newton-Schulz iterations magnify
+# that float rounding to a few 1e-5 over these 30 steps (AdamW alone kept it under 2e-5).
+MUON_ROUNDING = 1e-4
+
+
 def weights(path):
     return cd.load_model(None, path).state_dict()
 
@@ -39,7 +44,7 @@ def test_two_torchrun_processes_give_the_weights_of_one_process(photos, single_r
     run = torchrun(tmp_path, "train", "--data", str(photos), *TINY, "--out", str(out), "--name", str(out / "M"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes, 4 faces each per step" in run.stdout
-    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"), atol=2e-5)
+    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"), atol=MUON_ROUNDING)
     ddp_losses = cd.read_checkpoint(out / "checkpoint.pt", "training")["history"]["loss"]
     single_losses = cd.read_checkpoint(single_run / "checkpoint.pt", "training")["history"]["loss"]
     assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
@@ -90,4 +95,4 @@ def test_a_failure_on_one_rank_stops_every_rank_and_the_run_resumes_in_one_proce
         mp.setattr(cd, "CACHE_DIR", tmp_path / "cache")
         cd.main(["train", "--data", str(photos), *TINY, "--checkpoint-every", "4", "--out", str(out),
                  "--name", str(out / "M"), "--resume", str(out / "checkpoint.pt")])
-    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"), atol=2e-5)
+    assert_same_weights(weights(out / "M.pth"), weights(single_run / "M.pth"), atol=MUON_ROUNDING)

@@ -204,8 +204,9 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_batch(photos, tmp_pa
     for k in (1, 4):
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
+        # AdamW alone: Muon's bf16 iterations would magnify the float rounding of summing in another order
         cfg = cd.TrainConfig(epochs=2, batch_size=8, precision="fp32", device="cpu", grad_accum=k,
-                             checkpoint_every=1000)
+                             checkpoint_every=1000, muon=False)
         cd.train(model, data, cfg, tmp_path / f"k{k}")
         results.append(model.state_dict())
     assert_same_weights(*results, atol=2e-5)
@@ -219,7 +220,7 @@ def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path)
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
         cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile,
-                             checkpoint_every=1000)
+                             checkpoint_every=1000, muon=False)  # as above: Muon would magnify the rounding
         cd.train(model, data, cfg, tmp_path / str(compile))
         results.append(model.state_dict())
     assert_same_weights(*results, atol=1e-6)
@@ -265,3 +266,36 @@ def test_a_resumed_timed_run_counts_the_seconds_it_trained_before(tmp_path, monk
     _, history = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path, resume=tmp_path / "checkpoint.pt")
     trained = ckpt["seconds"] + clock.now - start
     assert abs(trained - 120) <= cd.TIMED_SHARE * 120
+
+
+def test_muon_steps_a_hidden_weight_as_torch_muon_steps_its_matrix_and_the_rest_as_adamw():
+    """The oracles: torch.optim.Muon (2-D weights only) on the convolution's weights viewed as a
+    matrix, and torch.optim.AdamW on a bias, over three steps of random gradients."""
+    torch.manual_seed(0)
+    conv, bias = torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(8))
+    matrix, bias_copy = torch.nn.Parameter(conv.detach().flatten(1).clone()), torch.nn.Parameter(bias.detach().clone())
+    ours = cd.MuonAdamW([dict(params=[conv], muon=True), dict(params=[bias], muon=False)], lr=0.01, betas=(0.9, 0.99),
+                        weight_decay=0.0)
+    oracles = [torch.optim.Muon([matrix], lr=0.01, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+               torch.optim.AdamW([bias_copy], lr=0.01, betas=(0.9, 0.99), weight_decay=0.0)]
+    for _ in range(3):
+        grad, bias_grad = torch.randn(8, 4, 3, 3), torch.randn(8)
+        conv.grad, matrix.grad, bias.grad, bias_copy.grad = grad.clone(), grad.flatten(1), bias_grad.clone(), bias_grad
+        ours.step()
+        for opt in oracles:
+            opt.step()
+    torch.testing.assert_close(conv.detach().flatten(1), matrix.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias.detach(), bias_copy.detach(), rtol=0, atol=0)
+    assert conv.grad is None  # Muon's weights are left out of AdamW's step
+
+
+def test_training_steps_the_hidden_weights_with_muon_and_the_stem_head_biases_and_norms_with_adamw(tmp_path):
+    model = tiny_model()
+    cfg = cd.TrainConfig(epochs=1, batch_size=8, device="cpu", checkpoint_every=10 ** 9)
+    cd.train(model, TinyFaces(16), cfg, tmp_path)
+    opt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]
+    (muon, adamw), state = opt["param_groups"], opt["state"]
+    hidden = [n for n, p in model.named_parameters() if p.ndim > 1 and not n.startswith(("stem.", "head."))]
+    assert muon["muon"] and len(muon["params"]) == len(hidden) > 0
+    assert all(set(state[i]) == {"momentum", "step"} for i in muon["params"])
+    assert all("exp_avg" in state[i] for i in adamw["params"]) and len(adamw["params"]) > 2

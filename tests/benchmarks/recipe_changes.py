@@ -5,8 +5,10 @@ profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024
         [--ema-k 3 5 10 20 40] [--ema-cap 0.999 1]
 
 Changes (none is cat_diffusion's default):
-    none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), AdamW
-                betas (0.9, 0.99), peak learning rate 2e-3, batch 16
+    none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), Muon for the
+                hidden weights and AdamW for the rest (cat_diffusion.MuonAdamW), betas (0.9, 0.99),
+                peak learning rate 2e-3, batch 16
+    adamw       AdamW for all weights (the default before Muon)
     v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
     min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
@@ -16,9 +18,6 @@ Changes (none is cat_diffusion's default):
     batch-32    batch 32 (the default before 16: the same images/s on a CPU, half the steps)
     batch-8     batch 8 instead of 16
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
-    muon        Muon (Jordan et al. 2024) for the hidden convolution and linear weights, reshaped to
-                (out, in x k x k), at AdamW's learning rate scaled to match its update RMS
-                (0.2 sqrt(max(out, in)), Liu et al. 2025); AdamW for the rest, as in the default
 
 --ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
@@ -33,7 +32,6 @@ their count and seconds against the run's. The frames go to OUT/progress.gif.
 Run it alone on the machine: the run plans its steps from its measured speed.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -54,42 +52,6 @@ def lognormal_noise(x0, generator):
     return (LAMBDA[None] - lam[:, None]).abs().argmin(1).to(t.device), eps
 
 
-class MuonAndAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked `muon` (momentum 0.95, Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's
-    own, which takes 2-D weights only, so a convolution's are reshaped here), AdamW for the others."""
-
-    def __init__(self, params, lr, betas, weight_decay=0.0, eps=1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, muon=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            (b1, b2), lr = group["betas"], group["lr"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                state = self.state[p]
-                if group["muon"]:
-                    buf = state.setdefault("momentum", torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - 0.95)
-                    update = p.grad.lerp(buf, 0.95).reshape(len(p), -1)
-                    ortho = torch.optim._muon._zeropower_via_newtonschulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7)
-                    p.add_(ortho.reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
-                    continue
-                state["step"] = state.get("step", 0) + 1
-                m = state.setdefault("exp_avg", torch.zeros_like(p)).lerp_(p.grad, 1 - b1)
-                v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (v / (1 - b2 ** state["step"])).sqrt_().add_(group["eps"])
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** state["step"]))
-
-
-def muon_for(params, lr, betas, weight_decay):
-    """cat_diffusion.train's AdamW(model.parameters(), ...) call, answered with MuonAndAdamW: Muon for
-    the hidden weights (2-D and up; not the first convolution nor the output layer), AdamW for the rest."""
-    params = list(params)
-    hidden = [p for p in params if p.ndim >= 2 and p.shape[1] not in (3, 3 + cd.K) and p.shape[0] != 3]
-    rest = [p for p in params if all(p is not h for h in hidden)]
-    return MuonAndAdamW([dict(params=hidden, muon=True), dict(params=rest)], lr, betas, weight_decay)
-
-
 def timed(preview, seconds):
     """A preview that adds the seconds it takes to `seconds` (a list)."""
     def timed_preview(*args):
@@ -102,6 +64,7 @@ def timed(preview, seconds):
 
 # change -> (cat_diffusion names to replace, TrainConfig fields to set, DiffusionModel arguments)
 CHANGES = {"none": ({}, {}, {}),
+           "adamw": ({}, {"muon": False}, {}),
            "v-mse": ({"loss_weight": torch.ones_like}, {}, {}),
            "lognormal": ({"draw_noise": lognormal_noise}, {}, {}),
            "min-snr": ({"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}, {}, {}),
@@ -110,8 +73,7 @@ CHANGES = {"none": ({}, {}, {}),
            "warmup-50": ({}, {"warmup_steps": 50}, {}),
            "batch-32": ({}, {"batch_size": 32}, {}),
            "batch-8": ({}, {"batch_size": 8}, {}),
-           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
-           "muon": ({}, {}, {})}
+           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)})}
 
 
 def keep_profiles(ks, caps, profiles):
@@ -151,8 +113,6 @@ def main():
     profiles = {}
     if args.ema_k:
         cd.make_ema = keep_profiles(args.ema_k, args.ema_cap, profiles)
-    if args.change == "muon":
-        cd.torch.optim.AdamW = muon_for  # train() builds its optimizer with this one call
     torch.manual_seed(args.seed)
     previews, tic = [], time.perf_counter()
     cfg = cd.TrainConfig(minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields)
