@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cat_diffusion as cd
 from helpers import gaussian_oracle, live_model
@@ -85,6 +86,20 @@ def test_v_target_inverts_to_the_true_x0_and_eps(t):
     x0_hat, eps_hat = cd.predict_x0_eps(cd.v_target(x0, ab, eps), x_t, ab)
     torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("t", [0, 300, 700, 999])
+def test_half_resolution_is_the_full_size_x_t_averaged_over_2x2_pixels_at_four_times_the_snr(t):
+    g = torch.Generator().manual_seed(t)
+    x0, eps = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
+    x0_half, eps_half, alpha_bar = cd.half_resolution(x0, eps.double(), cd.ALPHA_BAR.double())
+    ab, ab_half = cd.ALPHA_BAR.double()[t], alpha_bar[t]
+    assert x0_half.shape == eps_half.shape == (2, 3, 4, 4)
+    assert (ab_half / (1 - ab_half)).item() == pytest.approx((4 * ab / (1 - ab)).item(), rel=1e-9)
+    averaged = F.avg_pool2d(cd.q_sample(x0, ab, eps.double()), 2) / (ab + (1 - ab) / 4).sqrt()
+    torch.testing.assert_close(cd.q_sample(x0_half, ab_half, eps_half), averaged, rtol=0, atol=1e-12)
+    noise = cd.half_resolution(x0, torch.randn(1, 1, 512, 512, generator=g), cd.ALPHA_BAR)[1]
+    assert noise.std().item() == pytest.approx(1, abs=0.01)  # unit noise, as the full size's
 
 
 def test_v_target_is_minus_x0_at_pure_noise_and_eps_at_no_noise():

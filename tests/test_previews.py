@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import cat_diffusion as cd
-from helpers import TinyFaces, assert_png, grid_side, loss_that_fails_at, tiny_model
+from helpers import StepClock, TinyFaces, assert_png, grid_side, loss_that_fails_at, tiny_model
 
 FACES = 64  # one step an epoch at batch 64, where a preview may come every 42 steps (see preview_interval)
 
@@ -108,3 +108,17 @@ def test_preview_every_zero_writes_no_previews(tmp_path):
 def test_a_run_previews_a_tenth_of_its_length_apart_by_default():
     assert cd.preview_interval(20_000 // cd.PREVIEWS, 16) == 2_000
     assert cd.preview_interval(100 // cd.PREVIEWS, 16) == cd.preview_interval(0, 16) > 10, "but never too often"
+
+
+def test_a_timed_run_that_speeds_up_previews_a_tenth_of_its_latest_plan_apart(tmp_path, monkeypatch):
+    """Two minutes: 30 steps of 1 s, then 0.25 s a step (a machine freed, or a run past its half-size
+    steps): the first plan holds 120 steps, the run 390; previews follow the plan, not the first guess."""
+    clock = StepClock(lambda step: 1.0 if step <= 30 else 0.25)
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    monkeypatch.setattr(cd, "diffusion_loss", clock.loss(cd.diffusion_loss))
+    monkeypatch.setattr(cd, "PREVIEW_SHARE", 1.0)  # previews as often as a tenth of this short run
+    cfg = cd.TrainConfig(minutes=2, batch_size=4, warmup_steps=5, device="cpu", precision="fp32", checkpoint_every=10 ** 9)
+    _, history = cd.train(tiny_model(), TinyFaces(), cfg, tmp_path, preview=cd.previewer(tmp_path, 0, 16))
+    steps = len(history["loss"])
+    assert steps > 300 and abs(history["preview_every"] - steps / cd.PREVIEWS) <= 3
+    assert cd.PREVIEWS <= len(history["frames"]) <= cd.PREVIEWS + 5, "not the 27 of the first plan's interval"

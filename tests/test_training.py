@@ -220,7 +220,8 @@ def test_compiled_training_gives_the_weights_of_eager_training(photos, tmp_path)
         torch.manual_seed(0)
         model = cd.DiffusionModel(16, 8)
         cfg = cd.TrainConfig(epochs=1, batch_size=8, precision="fp32", device="cpu", compile=compile,
-                             checkpoint_every=1000, muon=False)  # as above: Muon would magnify the rounding
+                             checkpoint_every=1000, muon=False,  # as above: Muon would magnify the rounding
+                             low_res_share=0.0)  # one image size: one compile
         cd.train(model, data, cfg, tmp_path / str(compile))
         results.append(model.state_dict())
     assert_same_weights(*results, atol=1e-6)
@@ -299,3 +300,10 @@ def test_training_steps_the_hidden_weights_with_muon_and_the_stem_head_biases_an
     assert muon["muon"] and len(muon["params"]) == len(hidden) > 0
     assert all(set(state[i]) == {"momentum", "step"} for i in muon["params"])
     assert all("exp_avg" in state[i] for i in adamw["params"]) and len(adamw["params"]) > 2
+
+
+def test_training_sees_faces_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path):
+    model, sizes = tiny_model(), []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
+    cd.train(model, TinyFaces(), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
+    assert sizes == [8] * 4 + [16] * 6  # 2 epochs of 20 faces in batches of 4: 10 steps, 4 of them at half size

@@ -7,7 +7,7 @@ profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024
 Changes (none is cat_diffusion's default):
     none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), Muon for the
                 hidden weights and AdamW for the rest (cat_diffusion.MuonAdamW), betas (0.9, 0.99),
-                peak learning rate 2e-3, batch 16
+                peak learning rate 2e-3, batch 16, the first fifth of the steps at half size
     adamw       AdamW for all weights (the default before Muon)
     v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
@@ -18,6 +18,8 @@ Changes (none is cat_diffusion's default):
     batch-32    batch 32 (the default before 16: the same images/s on a CPU, half the steps)
     batch-8     batch 8 instead of 16
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
+    progressive the first --low-share of the steps at half size (TrainConfig.low_res_share, see
+                cat_diffusion.half_resolution) instead of a fifth; 0: full size throughout (the default before)
 
 --ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
@@ -73,7 +75,8 @@ CHANGES = {"none": ({}, {}, {}),
            "warmup-50": ({}, {"warmup_steps": 50}, {}),
            "batch-32": ({}, {"batch_size": 32}, {}),
            "batch-8": ({}, {"batch_size": 8}, {}),
-           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)})}
+           "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
+           "progressive": ({}, {}, {})}  # low_res_share: --low-share
 
 
 def keep_profiles(ks, caps, profiles):
@@ -99,6 +102,8 @@ def main():
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--change", choices=CHANGES, default="none")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--low-share", type=float, default=0.0,
+                   help="progressive: the share of the steps at half size (0: full size throughout)")
     p.add_argument("--ema-k", type=int, nargs="+", default=[], metavar="K")
     p.add_argument("--ema-cap", type=float, nargs="+", default=[], metavar="DECAY")
     p.add_argument("--out", type=Path, default=Path("outputs/recipe_changes"))
@@ -108,6 +113,7 @@ def main():
     train_set = cd.CatDataset(args.data, 64, split="train")
     val_set = cd.CatDataset(args.data, 64, split="val", quiet=True)
     names, fields, model_args = CHANGES[args.change]
+    fields = {**fields, "low_res_share": args.low_share} if args.change == "progressive" else fields
     for name, fn in names.items():
         setattr(cd, name, fn)
     profiles = {}
