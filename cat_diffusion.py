@@ -1218,7 +1218,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     pending, tic, first, order, timer, pace, said, pictures = [], time.perf_counter(), step, None, None, None, None, {}
     previews = preview is not None and cfg.preview_every != 0
     written = tic  # when the last checkpoint was written (or the run started)
-    low = cfg.low_res_share > 0  # at half size until step low_res_share x total
+    # at half size until step low_res_share x total, where the half size still halves three times
+    low = cfg.low_res_share > 0 and model.config["image_size"] % 16 == 0
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
         while total is None or step < total:
             step += 1  # `step` counts the steps done

@@ -307,3 +307,7 @@ def test_training_sees_faces_at_half_size_for_the_first_low_res_share_of_its_ste
     model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
     cd.train(model, TinyFaces(), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
     assert sizes == [8] * 4 + [16] * 6  # 2 epochs of 20 faces in batches of 4: 10 steps, 4 of them at half size
+    model, sizes[:] = tiny_model(size=24), []  # 12 px would not halve three times: full size throughout
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
+    cd.train(model, TinyFaces(size=24), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path / "24")
+    assert sizes == [24] * 10
