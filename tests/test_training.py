@@ -1,6 +1,7 @@
 """The training loop: a resumed run equals an uninterrupted one, a new learning rate applies on
 resume, a loss that blows up stops the run with a checkpoint that is still good, and gradient
-accumulation and torch.compile learn the weights of the plain loop."""
+accumulation and torch.compile learn the weights of the plain loop, and the first share of the
+steps trains at half size."""
 import pytest
 import torch
 
@@ -302,12 +303,10 @@ def test_training_steps_the_hidden_weights_with_muon_and_the_stem_head_biases_an
     assert all("exp_avg" in state[i] for i in adamw["params"]) and len(adamw["params"]) > 2
 
 
-def test_training_sees_faces_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path):
-    model, sizes = tiny_model(), []
-    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
-    cd.train(model, TinyFaces(), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
-    assert sizes == [8] * 4 + [16] * 6  # 2 epochs of 20 faces in batches of 4: 10 steps, 4 of them at half size
-    model, sizes[:] = tiny_model(size=24), []  # 12 px would not halve three times: full size throughout
-    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
-    cd.train(model, TinyFaces(size=24), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path / "24")
-    assert sizes == [24] * 10
+@pytest.mark.parametrize("size, sizes", [(16, [8] * 4 + [16] * 6), (24, [24] * 10)],
+                         ids=["the first 4 of 10 steps at half size", "12 px would not halve three times: full size"])
+def test_training_sees_faces_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path, size, sizes):
+    model, seen = tiny_model(size=size), []  # 2 epochs of 20 faces in batches of 4: 10 steps
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
+    cd.train(model, TinyFaces(size=size), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
+    assert seen == sizes
