@@ -906,9 +906,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
     # The first share of the steps trains at half the image size (see half_resolution), 2.5x the steps a second
-    # on a CPU: at 12 minutes SWD 23.2 and 26.3 against 26.6 and 28.6 at full size throughout, two seeds; a
-    # share of 0.4 did 26.2 (RESULTS.md, Progressive resolution).
-    low_res_share: float = 0.2
+    # on a CPU: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against 26.6 and 28.6
+    # at full size throughout, two seeds; 22% and 62% gave 25.4 and 26.2 (RESULTS.md, Progressive resolution).
+    low_res_share: float = 0.4
 
 
 class TrainingError(Exception):
@@ -978,10 +978,18 @@ MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would n
 EPOCH_CHECKPOINT_GAP = 60
 
 
-def plan_steps(minutes, step, elapsed, seconds_per_step):
+HALF_SIZE_SPEEDUP = 2.5  # a half-size step's speed over a full-size one's on a 2-core CPU (RESULTS.md)
+
+
+def plan_steps(minutes, step, elapsed, seconds_per_step, low_res_share=0.0):
     """The step total that ends a run of `minutes` on time: the steps done, and as many more as
-    the rest of the time holds at the measured speed."""
-    return step + max(0, int((60 * minutes - elapsed) / seconds_per_step))
+    the rest of the time holds at the measured speed. A run timed at half size (`low_res_share` > 0)
+    counts the steps after low_res_share x total at HALF_SIZE_SPEEDUP times the measured cost."""
+    rest, full_size = 60 * minutes - elapsed, seconds_per_step * HALF_SIZE_SPEEDUP
+    if low_res_share:  # (share x total - step) x seconds_per_step + (1 - share) x total x full_size = rest
+        total = (rest + step * seconds_per_step) / (low_res_share * seconds_per_step + (1 - low_res_share) * full_size)
+        return int(total) if low_res_share * total > step else step + max(0, int(rest / full_size))
+    return step + max(0, int(rest / seconds_per_step))
 
 
 PREVIEWS = 10  # a run's previews unless --preview-every says otherwise
@@ -1229,7 +1237,8 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
             idx = order[i * batch:(i + 1) * batch]
             x0, t, eps, cond = training_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, cfg,
                                               model.config["landmarks"], noise_gen)
-            low = low and (total is None or step <= cfg.low_res_share * total)  # once at full size, it stays there
+            if low and total is not None and step > cfg.low_res_share * total:  # once at full size, it stays there
+                low, timer, pace = False, None, None  # and its slower steps are timed afresh
             x0, eps, ab = half_resolution(x0, eps, alpha_bar) if low else (x0, eps, alpha_bar)
             whole = x0, t, eps, cond
             mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
@@ -1251,9 +1260,10 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                 per_step, timer = (now - timer[1]) / (step - timer[0]), (step, now)
                 pace = per_step if pace is None else (pace + per_step) / 2  # windows scatter by 10% (RESULTS.md)
                 if cfg.minutes is not None:
-                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, pace), device, world)
+                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, pace, low and cfg.low_res_share),
+                                    device, world)
                     if rank == 0 and (said is None or abs(planned - said) > REPLAN_NOTE * said):
-                        end = datetime.datetime.now() + datetime.timedelta(seconds=(planned - step) * pace)
+                        end = datetime.datetime.now() + datetime.timedelta(seconds=60 * cfg.minutes - spent - now + tic)
                         tqdm.write(f"{cfg.minutes:g} minutes: {planned} steps {'re-' * (said is not None)}planned at "
                                    f"{pace:.3f} s a step; training ends at about {end:%H:%M}", file=sys.stderr)
                         said = planned
@@ -1977,10 +1987,11 @@ TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "progress.png", "progress.gi
 
 
 def config_of(args, recipe=None):
-    """The TrainConfig of a command: each field its option sets (the option of the same name), else
-    `recipe`'s (a dict), else TrainConfig's default."""
+    """The TrainConfig of a command: each field its option sets (the option of the same name), else a
+    resumed run's own (`args.run_config`: its RUN_SETTINGS that no option sets, as an earlier default),
+    else `recipe`'s (a dict), else TrainConfig's default."""
     given = {f.name: v for f in dataclasses.fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
-    return TrainConfig(**{**(recipe or {}), **given})
+    return TrainConfig(**{**(recipe or {}), **getattr(args, "run_config", {}), **given})
 
 
 def run_train(args):
@@ -2302,7 +2313,7 @@ def parse_args(argv):
     argv = list(argv) if argv and argv[0] in (*COMMANDS, *SATELLITES, "-h", "--help") else ["train", *argv]
     parser = build_parser(argv[0])
     args = parser.parse_args(argv)
-    args.run_settings, args.run_outputs = None, {}
+    args.run_settings, args.run_outputs, args.run_config = None, {}, {}
     if args.command in ("train", "distill") and args.resume is not None:
         resume = Path(args.resume or args.out / "checkpoint.pt")
         if not resume.is_file():
@@ -2324,6 +2335,9 @@ def parse_args(argv):
         defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
         args = build_parser(args.command, (args.command, {**defaults, "out": resume.parent})).parse_args(argv)
         args.resume, args.run_settings = resume, saved
+        recipe, default = ckpt.get("train_config"), TrainConfig()
+        args.run_config = {k: v for k, v in recipe.items() if k in RUN_SETTINGS and type(v) is type(getattr(default, k))
+                           } if isinstance(recipe, dict) else {}
         args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()},
                             str(resume.resolve()): [file_digest(resume)]}
     return args

@@ -252,6 +252,25 @@ def test_a_timed_run_re_plans_to_end_on_time_when_its_speed_changes(tmp_path, mo
     assert "re-planned" in capsys.readouterr().err
 
 
+def test_a_timed_run_plans_its_half_size_steps_from_its_first_plan_on(tmp_path, monkeypatch, capsys):
+    """Two minutes at 1 s a full-size step and 1 / HALF_SIZE_SPEEDUP s a half-size one: 157 steps, the
+    first 40% at half size, fill them (0.4 x 157 x 0.4 s + 0.6 x 157 x 1 s), and the first plan says so."""
+    clock, sizes, real = StepClock(), [], cd.diffusion_loss
+
+    def timed_loss(model, x0, *args):
+        if torch.is_grad_enabled():
+            sizes.append(x0.shape[-1])
+            clock.now += 1.0 if x0.shape[-1] == 16 else 1 / cd.HALF_SIZE_SPEEDUP
+        return real(model, x0, *args)
+    monkeypatch.setattr(cd.time, "perf_counter", clock)
+    monkeypatch.setattr(cd, "diffusion_loss", timed_loss)
+    cfg = cd.TrainConfig(minutes=2, batch_size=4, warmup_steps=5, device="cpu", precision="fp32",
+                         checkpoint_every=10_000, low_res_share=0.4)
+    cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
+    assert (len(sizes), sizes) == (157, [8] * 62 + [16] * 95)
+    assert "re-planned" not in capsys.readouterr().err
+
+
 def test_a_resumed_timed_run_counts_the_seconds_it_trained_before(tmp_path, monkeypatch):
     clock = StepClock(lambda step: 1.0 if step <= 30 else 0.25)
     monkeypatch.setattr(cd.time, "perf_counter", clock)

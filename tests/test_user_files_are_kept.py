@@ -115,6 +115,16 @@ def test_resume_takes_the_checkpoints_settings_and_more_epochs_extend_the_run(ru
     assert cd.load_model(None, run / "M").config["image_size"] == 16
 
 
+def test_resume_keeps_a_run_setting_no_option_sets_as_the_run_had_it(run):
+    """A run started under an earlier default (a fifth of the steps at half size) resumes with it, not refused."""
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["train_config"]["low_res_share"] = 0.2
+    torch.save(ckpt, run / "checkpoint.pt")
+    cd.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3"])
+    resumed = cd.read_checkpoint(run / "checkpoint.pt", want="training")
+    assert (resumed["step"], resumed["train_config"]["low_res_share"]) == (12, 0.2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hostile command lines: one line naming the culprit, non-zero exit, every file as it was
 # ----------------------------------------------------------------------------------------------

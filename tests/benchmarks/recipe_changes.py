@@ -7,7 +7,7 @@ profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024
 Changes (none is cat_diffusion's default):
     none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), Muon for the
                 hidden weights and AdamW for the rest (cat_diffusion.MuonAdamW), betas (0.9, 0.99),
-                peak learning rate 2e-3, batch 16, the first fifth of the steps at half size
+                peak learning rate 2e-3, batch 16, the first 40% of the steps at half size
     adamw       AdamW for all weights (the default before Muon)
     v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
@@ -19,7 +19,7 @@ Changes (none is cat_diffusion's default):
     batch-8     batch 8 instead of 16
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
     progressive the first --low-share of the steps at half size (TrainConfig.low_res_share, see
-                cat_diffusion.half_resolution) instead of a fifth; 0: full size throughout (the default before)
+                cat_diffusion.half_resolution) instead of 40%; 0: full size throughout (the default before)
 
 --ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
