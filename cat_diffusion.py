@@ -907,7 +907,7 @@ class TrainConfig:
     landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
     # The first share of the steps trains at half the image size (see half_resolution), 2.5x the steps a second
     # on a CPU: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against 26.6 and 28.6
-    # at full size throughout, two seeds; 22% and 62% gave 25.4 and 26.2 (RESULTS.md, Progressive resolution).
+    # at full size throughout, two seeds; about 26% and 64% gave 25.4 and 26.2 (RESULTS.md, Progressive resolution).
     low_res_share: float = 0.4
 
 
@@ -2335,9 +2335,8 @@ def parse_args(argv):
         defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
         args = build_parser(args.command, (args.command, {**defaults, "out": resume.parent})).parse_args(argv)
         args.resume, args.run_settings = resume, saved
-        recipe, default = ckpt.get("train_config"), TrainConfig()
-        args.run_config = {k: v for k, v in recipe.items() if k in RUN_SETTINGS and type(v) is type(getattr(default, k))
-                           } if isinstance(recipe, dict) else {}
+        recipe = ckpt["train_config"] if isinstance(ckpt.get("train_config"), dict) else {}
+        args.run_config = {k: v for k, v in recipe.items() if k in RUN_SETTINGS and type(v) is type(getattr(TrainConfig, k))}
         args.run_outputs = {**{str(folder / k): v for k, v in outputs.items()},
                             str(resume.resolve()): [file_digest(resume)]}
     return args
