@@ -1257,13 +1257,12 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
             window = TIMED_SHARE * 60 * (cfg.minutes or cfg.preview_every or 0)
             if (cfg.minutes is not None or previews and not every) and (step % 10 == 0 or step == total) \
                     and step > timer[0] and agree(int(now - timer[1] >= window), device, world):
-                per_step, timer = (now - timer[1]) / (step - timer[0]), (step, now)
+                per_step, timer, elapsed = (now - timer[1]) / (step - timer[0]), (step, now), spent + now - tic
                 pace = per_step if pace is None else (pace + per_step) / 2  # windows scatter by 10% (RESULTS.md)
                 if cfg.minutes is not None:
-                    planned = agree(plan_steps(cfg.minutes, step, spent + now - tic, pace, low and cfg.low_res_share),
-                                    device, world)
+                    planned = agree(plan_steps(cfg.minutes, step, elapsed, pace, low and cfg.low_res_share), device, world)
                     if rank == 0 and (said is None or abs(planned - said) > REPLAN_NOTE * said):
-                        end = datetime.datetime.now() + datetime.timedelta(seconds=60 * cfg.minutes - spent - now + tic)
+                        end = datetime.datetime.now() + datetime.timedelta(seconds=60 * cfg.minutes - elapsed)
                         tqdm.write(f"{cfg.minutes:g} minutes: {planned} steps {'re-' * (said is not None)}planned at "
                                    f"{pace:.3f} s a step; training ends at about {end:%H:%M}", file=sys.stderr)
                         said = planned
