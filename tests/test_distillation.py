@@ -1,7 +1,7 @@
 """Distillation: one student step on its target lands where the teacher's steps land (a distilled
-teacher's own grid steps, a trained teacher's DPM-Solver++ substeps), the distill command writes a
-student that samples in its own steps by default, a killed distillation resumes exactly, and a
-teacher of the wrong kind is refused in one line."""
+teacher's own grid steps, a trained teacher's DPM-Solver++ substeps, evenly spaced in log-SNR), the
+distill command writes a student that samples in its own steps by default, a killed distillation
+resumes exactly, and a teacher of the wrong kind is refused in one line."""
 import pytest
 import torch
 
@@ -40,13 +40,19 @@ def test_one_student_step_lands_where_r_steps_of_a_distilled_teacher_land(steps,
             assert (own - v).abs().max() > 1e-3  # far above float error: one step is not r
 
 
+def substeps(ts):
+    """A `teacher_grid` table's rows without the padding that repeats each row's end."""
+    return [row[:1 + int((row[1:] != row[:-1]).sum())] for row in ts]
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_one_student_step_follows_a_trained_teachers_ode(steps):
     """A trained teacher (the oracle) solves each student step with DPM-Solver++ substeps: the last
-    one exactly as `sample` does from there, and every one closer to the exact ODE solution than
-    the teacher's own single DDIM step is."""
+    one exactly as `sample` does from there, and every one of several substeps closer to the exact
+    ODE solution than the teacher's own single DDIM step is (one substep is that DDIM step)."""
     oracle, g = gaussian_oracle(), torch.Generator().manual_seed(1)
     grid = cd.time_grid("student", steps).tolist()
+    rows = substeps(cd.teacher_grid(oracle, steps)[0])
     for k, t in enumerate(grid):
         z = cd.q_sample(oracle.mu.float(), cd.ALPHA_BAR[t], torch.randn(4, 3, 8, 8, generator=g))
         landed = student_step(cd.teacher_target(oracle, z, k, steps, dtype=None), z, k, steps)
@@ -57,7 +63,19 @@ def test_one_student_step_follows_a_trained_teachers_ode(steps):
         else:
             exact = oracle.ode_point(z, t, grid[k + 1]).float()
         one_step = student_step(oracle(z, torch.tensor([t] * 4)), z, k, steps)
-        assert (landed - exact).abs().max() < (one_step - exact).abs().max() / 1.5
+        if len(rows[k]) == 2:
+            torch.testing.assert_close(landed, one_step)
+        else:
+            assert (landed - exact).abs().max() < (one_step - exact).abs().max() / 1.5
+
+
+def test_each_image_of_a_batch_gets_the_target_of_its_own_student_step():
+    """Student steps of 7, 1, 1 and 4 substeps in one batch: each image's target is the one it gets alone."""
+    oracle, z = gaussian_oracle(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    k = torch.tensor([3, 0, 1, 2])
+    together = cd.teacher_target(oracle, z, k, 4, dtype=None)
+    for i in range(4):
+        torch.testing.assert_close(together[i:i + 1], cd.teacher_target(oracle, z[i:i + 1], int(k[i]), 4, dtype=None))
 
 
 def test_the_student_grid_halves_exactly():
@@ -69,12 +87,25 @@ def test_the_student_grid_halves_exactly():
 def test_a_trained_teachers_substeps_are_distinct_and_a_students_are_its_grid():
     for steps in range(1, cd.STUDENT_MAX + 1):
         ts, ab = cd.teacher_grid(tiny_model(), steps)
-        assert ts.shape == (steps, cd.DISTILL_SUBSTEPS + 1) and torch.all(ts[:, 1:] < ts[:, :-1])
+        rows = substeps(ts)
+        assert all(torch.all(row[1:] < row[:-1]) and torch.all(ts[k, len(row):] == row[-1]) for k, row in enumerate(rows))
         assert torch.equal(ts[:, 0], cd.time_grid("student", steps)) and torch.equal(ts[:-1, -1], ts[1:, 0])
-        assert ab[-1, -1] == 1 and torch.all(ab[:, 1:] > ab[:, :-1])
+        assert len(rows[-1]) == cd.DISTILL_SUBSTEPS + 1 and ab[-1, -1] == 1 and torch.all(ab[:, 1:] >= ab[:, :-1])
     student = cd.DiffusionModel(16, base_channels=8, student_steps=8)
     ts, _ = cd.teacher_grid(student, 2)
     assert ts.tolist() == [[999, 874, 749, 624, 500], [500, 375, 250, 125, -1]]
+
+
+def test_a_trained_teachers_substeps_are_evenly_spaced_in_log_snr_but_the_last_rows():
+    """4 steps: 16 substeps spread evenly from lambda = -6 to the clean end would take 7, 1, 1 and 6;
+    the last row keeps DISTILL_SUBSTEPS (4) coarser ones. 2 steps are spaced no coarser than 4."""
+    rows = substeps(cd.teacher_grid(tiny_model(), 4)[0])
+    assert [len(row) - 1 for row in rows] == [7, 1, 1, cd.DISTILL_SUBSTEPS]
+    assert [len(row) - 1 for row in substeps(cd.teacher_grid(tiny_model(), 2)[0])] == [9, cd.DISTILL_SUBSTEPS]
+    lam = cd.half_log_snr(cd.ALPHA_BAR).clamp(min=-6)
+    h = (lam[0] - lam[-1]) / 16
+    for row in rows[:-1]:
+        assert torch.all((lam[row[1:]] - lam[row[:-1]] - h).abs() < 0.3 * h)
 
 
 def test_a_student_takes_steps_its_teacher_can_teach():
