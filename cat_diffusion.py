@@ -1784,7 +1784,7 @@ def load_model(model, name, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step, spread over the ODE (see `teacher_grid`)
-STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]  # at 4 substeps a step, a trained teacher's stay distinct
+STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]  # up to here a trained teacher's last 4 substeps stay distinct
 
 
 def teacher_grid(teacher, steps):
