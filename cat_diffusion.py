@@ -890,7 +890,7 @@ class TrainConfig:
     epochs: int = 50
     minutes: float | None = None  # train for this wall-clock time instead (see plan_steps); epochs then unused
     preview_every: float | None = None  # minutes between previews (see preview_interval); None: a tenth of the run
-    batch_size: int = 16  # twice batch 32's steps in the same time: better cats within the hour
+    batch_size: int = 32  # at full size; the half-size steps take half of it (see low_res_share)
     lr: float = 2e-3
     warmup_steps: int = 200
     betas: tuple = (0.9, 0.99)  # AdamW's; beta2 0.99 follows the fast-moving early loss better than 0.999
@@ -905,9 +905,11 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size is the global batch per step
     compile: bool = False  # torch.compile the model for training
     landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
-    # The first share of the steps trains at half the image size (see half_resolution), 2.5x the steps a second
-    # on a CPU: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against 26.6 and 28.6
-    # at full size throughout, two seeds; about 26% and 64% gave 25.4 and 26.2 (RESULTS.md, Progressive resolution).
+    # The first share of the steps trains at half the image size (see half_resolution) and half the batch, 5x the
+    # steps a second on a CPU: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against
+    # 26.6 and 28.6 at full size throughout, two seeds; about 26% and 64% gave 25.4 and 26.2; the batch grown from 16
+    # to 32 at full size then gave 27.7 and 27.9 against 33.1 and 34.2 at 16 throughout (RESULTS.md, Progressive
+    # resolution; a slower CPU).
     low_res_share: float = 0.4
 
 
@@ -978,7 +980,7 @@ MAX_MINUTES = 7 * 24 * 60  # a week: the longest --minutes (a larger one would n
 EPOCH_CHECKPOINT_GAP = 60
 
 
-HALF_SIZE_SPEEDUP = 2.5  # a half-size step's speed over a full-size one's on a 2-core CPU (RESULTS.md)
+HALF_SIZE_SPEEDUP = 5.0  # a half-size step's speed over a full-size one's on a 2-core CPU: 2.5 x 2 for its half batch
 
 
 def plan_steps(minutes, step, elapsed, seconds_per_step, low_res_share=0.0):
@@ -1000,7 +1002,7 @@ PREVIEW_SHARE = 0.02  # the most of a run's compute its previews take
 def preview_interval(steps, batch_size):
     """Steps between previews: `steps`, but never so few that a preview's PREVIEW_FACES x
     PREVIEW_STEPS forward passes exceed PREVIEW_SHARE of the training's (a step of `batch_size`
-    faces: a forward and a backward pass, about 3 forward passes, for each)."""
+    full-size faces, on average: a forward and a backward pass, about 3 forward passes, for each)."""
     return max(steps, math.ceil(PREVIEW_FACES * PREVIEW_STEPS / (3 * batch_size) / PREVIEW_SHARE))
 
 
@@ -1177,11 +1179,14 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     net = torch.compile(net, dynamic=False) if cfg.compile else net  # a static graph for each image size
     ema = make_ema(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
+    # at half size and half the batch until step low_res_share x total, where the half size still halves three times
+    low = cfg.low_res_share > 0 and model.config["image_size"] % 16 == 0
     batch = min(cfg.batch_size, len(data))
-    if batch % (world * cfg.grad_accum):
-        raise TrainingError(f"batch size {batch} does not split into {world} processes x "
-                            f"{cfg.grad_accum} accumulation steps")
-    micro, steps_per_epoch = batch // (world * cfg.grad_accum), len(data) // batch
+    if batch % (world * cfg.grad_accum * (1 + low)):
+        raise TrainingError(f"batch size {batch} does not split into {world} processes x {cfg.grad_accum} accumulation "
+                            "steps" + " (nor its half, for the half-size steps)" * low)
+    # step_cost: a step's mean cost over the run, in full-size steps (preview_interval keeps the previews' share of it)
+    steps_per_epoch, step_cost = len(data) // batch, 1 - cfg.low_res_share * (1 - 1 / HALF_SIZE_SPEEDUP) if low else 1
     total = steps_per_epoch * cfg.epochs if cfg.minutes is None else None  # a timed run plans it below
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
     # Every rank draws the whole batch's noise from one generator and uses its share, so the
@@ -1189,7 +1194,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     noise_gen, alpha_bar = torch.Generator(device).manual_seed(cfg.seed), ALPHA_BAR.to(device)
     # The uint8 set, its order and flips live on the device: no per-step host copies or syncs.
     faces, landmarks = data.faces.to(device), data.landmarks.to(device)
-    history = {"loss": [], "val": [], "frames": [], "preview_every": None}
+    history = {"loss": [], "val": [], "frames": [], "preview_every": None, "faces": 0}
     # spent: seconds of earlier processes
     step, fingerprint, outputs, spent = 0, tensors_fingerprint([data.faces, data.landmarks.float()]), {}, 0.0
     if resume:
@@ -1223,26 +1228,24 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
         atomic_write(Path(out_dir) / "checkpoint.pt", lambda f: torch.save(state, f))
         return step
 
-    pending, tic, first, order, timer, pace, said, pictures = [], time.perf_counter(), step, None, None, None, None, {}
+    pending, tic, first, order, timer, pace, said, pictures = [], time.perf_counter(), history["faces"], *[None] * 4, {}
     previews = preview is not None and cfg.preview_every != 0
     written = tic  # when the last checkpoint was written (or the run started)
-    # at half size until step low_res_share x total, where the half size still halves three times
-    low = cfg.low_res_share > 0 and model.config["image_size"] % 16 == 0
     with tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=rank > 0) as bar:
         while total is None or step < total:
             step += 1  # `step` counts the steps done
             epoch, i = divmod(step - 1, steps_per_epoch)
             if order is None or i == 0:
                 order, flips = (t.to(device) for t in epoch_order(len(data), cfg.seed, epoch))
-            idx = order[i * batch:(i + 1) * batch]
-            x0, t, eps, cond = training_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, cfg,
-                                              model.config["landmarks"], noise_gen)
             if low and total is not None and step > cfg.low_res_share * total:  # once at full size, it stays there
                 low, timer, pace = False, None, None  # and its slower steps are timed afresh
+            idx = order[i * batch:(i + 1) * batch][:batch // 2 if low else batch]
+            x0, t, eps, cond = training_batch(faces, landmarks, idx, flips[idx] if cfg.augment else None, cfg,
+                                              model.config["landmarks"], noise_gen)
             x0, eps, ab = half_resolution(x0, eps, alpha_bar) if low else (x0, eps, alpha_bar)
-            whole = x0, t, eps, cond
-            mine = torch.arange(rank * batch // world, (rank + 1) * batch // world, device=device)
-            parts = [[None if v is None else v[part] for v in whole] for part in mine.split(micro)]
+            mine = torch.arange(len(idx), device=device).chunk(world)[rank]  # this process's equal share
+            parts = [[None if v is None else v[part] for v in (x0, t, eps, cond)] for part in mine.chunk(cfg.grad_accum)]
+            history["faces"] += len(idx)
             opt.zero_grad(set_to_none=True)
             pending.append(accumulate(net, objective, parts, ab, dtype, world))
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1269,7 +1272,7 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                     total = bar.total = planned
                 if previews and (not every or cfg.minutes is not None and cfg.preview_every is None):
                     wanted = round(60 * cfg.preview_every / pace) if cfg.preview_every else total // PREVIEWS
-                    history["preview_every"] = every = agree(preview_interval(wanted, batch), device, world)
+                    history["preview_every"] = every = agree(preview_interval(wanted, batch * step_cost), device, world)
             end_of_epoch = step % steps_per_epoch == 0
             # the last frame is the finished model's, instead of one less than `every` steps before it
             at_preview = previews and every and (step == total or step % every == 0 and step + every <= total)
@@ -1284,11 +1287,11 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
                 history["loss"] += losses
                 bar.update(len(losses))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1,
-                                img_s=f"{(step - first) * batch / (time.perf_counter() - tic):.0f}")
+                                img_s=f"{(history['faces'] - first) / (time.perf_counter() - tic):.0f}")
             if rank == 0 and end_of_epoch and val_data is not None:
                 history["val"].append((step, validation_loss(ema.module, val_data, device, dtype)))
             if rank == 0 and at_preview:  # a picture's digests: the one the run wrote last, and this one
-                caption = f"step {step:,}\n{step * batch:,} faces seen\nloss {history['loss'][-1]:.4f}"
+                caption = f"step {step:,}\n{history['faces']:,} faces seen\nloss {history['loss'][-1]:.4f}"
                 frame, pictures = preview(ema.module, history, f"{caption}, {(spent + now - tic) / 60:.1f} min")
                 history["frames"].append((caption, frame))
                 for key, path, png in ((run_relative(path, out_dir), path, png) for path, png in pictures.items()):
@@ -2187,8 +2190,8 @@ def shared_options():
     width.add_argument("--blocks", type=in_range(int, *limits["blocks"]), default=model["blocks"],
                        help="residual blocks per stage")
     batch.add_argument("--batch-size", type=positive_int, default=None,
-                       help=f"faces per step, all processes together (default {cfg.batch_size}; train on a GPU "
-                            f"{GPU_RECIPE['batch_size']}, compiled; distill {DISTILL['batch_size']})")
+                       help=f"faces a step (all processes), half in train's half-size steps (default {cfg.batch_size};"
+                            f" train on a GPU {GPU_RECIPE['batch_size']}, compiled; distill {DISTILL['batch_size']})")
     model_file.add_argument("--model", type=existing_file, default=Path("DiffusionModel.pth"), help="model file")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                           help="DDPM, DDIM, DPM-Solver++(2M), or a student's own grid (default: a student's, else dpm++)")

@@ -193,7 +193,7 @@ def test_distill_trains_with_its_own_settings_not_trains(photos, tmp_path, monke
     ckpt = cd.read_checkpoint(tmp_path / "out" / "checkpoint.pt", want="training")
     used, (muon, _) = ckpt["train_config"], ckpt["optimizer"]["param_groups"]
     assert {k: used[k] for k in cd.DISTILL} == cd.DISTILL
-    assert used["batch_size"] != cd.TrainConfig.batch_size and used["betas"] != cd.TrainConfig.betas
+    assert used["lr"] != cd.TrainConfig.lr and used["betas"] != cd.TrainConfig.betas
     assert muon["params"] == []  # students were measured with AdamW alone
 
 

@@ -12,7 +12,8 @@ FACES = 64  # one step an epoch at batch 64, where a preview may come every 42 s
 
 def config(**changes):
     return cd.TrainConfig(**{**dict(epochs=130, batch_size=FACES, warmup_steps=3, seed=0, device="cpu",
-                                    precision="fp32", checkpoint_every=1000, preview_every=1e-6), **changes})
+                                    precision="fp32", checkpoint_every=1000, preview_every=1e-6, low_res_share=0.0),
+                            **changes})
 
 
 def run(out, cfg=None, resume=None):
@@ -70,7 +71,8 @@ def test_a_killed_and_resumed_run_has_the_uninterrupted_runs_frames_and_gif(stra
 
 def test_previews_take_at_most_their_share_of_the_training_forward_passes(tmp_path, monkeypatch):
     """Counted in images through the model: a training image costs a forward and a backward pass,
-    about three forward passes; a preview's images run forward once per sampling step."""
+    about three forward passes; a preview's images run forward once per sampling step. The first 40%
+    of the steps at half size and half the batch: a step costs 0.68 of a full-size one on average."""
     counts, previewing = {"training": 0, "previews": 0}, [False]
     real_forward, real_previewer = cd.DiffusionModel.forward, cd.previewer
 
@@ -94,9 +96,10 @@ def test_previews_take_at_most_their_share_of_the_training_forward_passes(tmp_pa
 
     monkeypatch.setattr(cd.DiffusionModel, "forward", counted_forward)
     monkeypatch.setattr(cd, "previewer", counted_previewer)
-    _, history = run(tmp_path, config(epochs=170))
-    assert len(history["frames"]) == 4  # 42, 84, 126 and the last
-    assert counts["previews"] == 4 * cd.PREVIEW_FACES * cd.PREVIEW_STEPS
+    _, history = run(tmp_path, config(epochs=170, low_res_share=0.4))
+    assert history["preview_every"] == cd.preview_interval(0, 0.68 * FACES) == 62
+    assert len(history["frames"]) == 2  # 62 and the last (124 would come fewer than 62 steps before it)
+    assert counts["previews"] == 2 * cd.PREVIEW_FACES * cd.PREVIEW_STEPS
     assert counts["previews"] <= cd.PREVIEW_SHARE * counts["training"]
 
 

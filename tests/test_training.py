@@ -253,8 +253,8 @@ def test_a_timed_run_re_plans_to_end_on_time_when_its_speed_changes(tmp_path, mo
 
 
 def test_a_timed_run_plans_its_half_size_steps_from_its_first_plan_on(tmp_path, monkeypatch, capsys):
-    """Two minutes at 1 s a full-size step and 1 / HALF_SIZE_SPEEDUP s a half-size one: 157 steps, the
-    first 40% at half size, fill them (0.4 x 157 x 0.4 s + 0.6 x 157 x 1 s), and the first plan says so."""
+    """Two minutes at 1 s a full-size step and 1 / HALF_SIZE_SPEEDUP s a half-size one: 176 steps, the
+    first 40% at half size, fill them (0.4 x 176 x 0.2 s + 0.6 x 176 x 1 s), and the first plan says so."""
     clock, sizes, real = StepClock(), [], cd.diffusion_loss
 
     def timed_loss(model, x0, *args):
@@ -267,7 +267,7 @@ def test_a_timed_run_plans_its_half_size_steps_from_its_first_plan_on(tmp_path, 
     cfg = cd.TrainConfig(minutes=2, batch_size=4, warmup_steps=5, device="cpu", precision="fp32",
                          checkpoint_every=10_000, low_res_share=0.4)
     cd.train(tiny_model(), TinyFaces(), cfg, tmp_path)
-    assert (len(sizes), sizes) == (157, [8] * 62 + [16] * 95)
+    assert (len(sizes), sizes) == (176, [8] * 70 + [16] * 106)
     assert "re-planned" not in capsys.readouterr().err
 
 
@@ -322,10 +322,11 @@ def test_training_steps_the_hidden_weights_with_muon_and_the_stem_head_biases_an
     assert all("exp_avg" in state[i] for i in adamw["params"]) and len(adamw["params"]) > 2
 
 
-@pytest.mark.parametrize("size, sizes", [(16, [8] * 4 + [16] * 6), (24, [24] * 10)],
+@pytest.mark.parametrize("size, shapes", [(16, [(2, 8)] * 4 + [(4, 16)] * 6), (24, [(4, 24)] * 10)],
                          ids=["the first 4 of 10 steps at half size", "12 px would not halve three times: full size"])
-def test_training_sees_faces_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path, size, sizes):
+def test_training_sees_half_batches_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path, size, shapes):
+    """Half-size steps take half the batch: `history["faces"]` counts what the steps took."""
     model, seen = tiny_model(size=size), []  # 2 epochs of 20 faces in batches of 4: 10 steps
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]) if torch.is_grad_enabled() else None)
-    cd.train(model, TinyFaces(size=size), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
-    assert seen == sizes
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if torch.is_grad_enabled() else None)
+    _, history = cd.train(model, TinyFaces(size=size), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
+    assert [(len(x), x.shape[-1]) for x in seen] == shapes and history["faces"] == sum(n for n, _ in shapes)
