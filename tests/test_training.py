@@ -322,11 +322,14 @@ def test_training_steps_the_hidden_weights_with_muon_and_the_stem_head_biases_an
     assert all("exp_avg" in state[i] for i in adamw["params"]) and len(adamw["params"]) > 2
 
 
-@pytest.mark.parametrize("size, shapes", [(16, [(2, 8)] * 4 + [(4, 16)] * 6), (24, [(4, 24)] * 10)],
-                         ids=["the first 4 of 10 steps at half size", "12 px would not halve three times: full size"])
-def test_training_sees_half_batches_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path, size, shapes):
+@pytest.mark.parametrize("size, batch, shapes", [(16, 4, [(2, 8)] * 4 + [(4, 16)] * 6),
+                                                (16, 5, [(2, 8)] * 3 + [(5, 16)] * 5), (24, 4, [(4, 24)] * 10)],
+                         ids=["the first 4 of 10 steps at half size", "an odd batch: the smaller half",
+                              "12 px would not halve three times: full size"])
+def test_training_sees_half_batches_at_half_size_for_the_first_low_res_share_of_its_steps(tmp_path, size, batch, shapes):
     """Half-size steps take half the batch: `history["faces"]` counts what the steps took."""
-    model, seen = tiny_model(size=size), []  # 2 epochs of 20 faces in batches of 4: 10 steps
+    model, seen = tiny_model(size=size), []  # 2 epochs of 20 faces
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if torch.is_grad_enabled() else None)
-    _, history = cd.train(model, TinyFaces(size=size), tiny_config(low_res_share=0.4, checkpoint_every=10 ** 9), tmp_path)
+    cfg = tiny_config(batch_size=batch, low_res_share=0.4, checkpoint_every=10 ** 9)
+    _, history = cd.train(model, TinyFaces(size=size), cfg, tmp_path)
     assert [(len(x), x.shape[-1]) for x in seen] == shapes and history["faces"] == sum(n for n, _ in shapes)
