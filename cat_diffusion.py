@@ -905,8 +905,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size is the global batch per step
     compile: bool = False  # torch.compile the model for training
     landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
-    # The first share of the steps trains at half the image size (see half_resolution) and half the batch, 5x the
-    # steps a second on a CPU: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against
+    # The first share of the steps trains at half the image size (see half_resolution) and half the batch, faster by
+    # HALF_SIZE_SPEEDUP: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against
     # 26.6 and 28.6 at full size throughout, two seeds; about 26% and 64% gave 25.4 and 26.2; the batch grown from 16
     # to 32 at full size then gave 27.7 and 27.9 against 33.1 and 34.2 at 16 throughout (RESULTS.md, Progressive
     # resolution; a slower CPU).
