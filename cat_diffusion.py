@@ -715,6 +715,9 @@ class DiffusionModel(nn.Module):
 
     `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
     sample in N steps of the "student" sampler, which is then its default.
+
+    EDM2's magnitude-preserving layers on this layout lost at 6 minutes at every learning rate tried
+    (SWD 43.5 at best against 39.5: RESULTS.md, EDM2's magnitude-preserving network).
     """
     # What a model file may ask for (see `checked_config`) and the command line may build: beyond
     # these a model takes hours a sample or gigabytes, never a better cat on this data.

@@ -19,6 +19,11 @@ Changes (none is cat_diffusion's default):
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
     progressive the first --low-share of the steps at half size and batch (TrainConfig.low_res_share, see
                 cat_diffusion.half_resolution) instead of 40%; 0: full size throughout
+    edm2-mp     EDM2's magnitude-preserving network (Karras et al. 2024, config G) on the default's layout:
+                forced weight normalisation, no biases or norms but pixel norm, MP SiLU, sums and
+                concatenation, Fourier noise embedding, average-pool down and nearest up (MPDiffusionModel)
+
+--lr: the peak learning rate instead of the change's (2e-3; edm2-mp: 2e-2).
 
 --ema-k: an EMA profile k has the decay min(cap, (1 + n) / (k + n)) after n updates
 (cat_diffusion.make_ema, default k = 10, cap = the run's ema_decay, 0.999): an average over the
@@ -33,11 +38,14 @@ their count and seconds against the run's. The frames go to OUT/progress.gif.
 Run it alone on the machine: the run plans its steps from its measured speed.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cat_diffusion as cd  # noqa: E402
@@ -63,6 +71,121 @@ def timed(preview, seconds):
     return timed_preview
 
 
+def normalize(x, dim=None, eps=1e-4):
+    """x over its RMS along `dim` (default: all but the first), so each slice has unit RMS."""
+    dim = list(range(1, x.ndim)) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    return x / (eps + norm * math.sqrt(norm.numel() / x.numel())).to(x.dtype)
+
+
+def mp_silu(x):
+    return F.silu(x) / 0.596  # SiLU of a unit normal has RMS 0.596
+
+
+def mp_sum(a, b, t=0.3):
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, t=0.5):
+    na, nb = a.shape[1], b.shape[1]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1)
+
+
+class MPConv(nn.Module):
+    """A convolution (kernel given) or linear layer whose weights are renormalised to unit RMS per output
+    before each training step (forced weight normalisation) and used at unit norm per output."""
+
+    def __init__(self, c_in, c_out, kernel=()):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, *kernel))
+
+    def forward(self, x, gain=1.0):
+        w = self.weight.float()
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
+        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
+        if w.ndim == 2:
+            return x @ w.t().to(x.dtype)
+        return F.conv2d(x, w.to(x.dtype), padding=w.shape[-1] // 2)
+
+
+class MPBlock(nn.Module):
+    """EDM2's block: encoder flavour (channel change, pixel norm, residual) or decoder flavour (residual,
+    channel change), the noise embedding scaling the middle, self-attention after when `attention`."""
+
+    def __init__(self, c_in, c_out, emb_dim, flavor, attention):
+        super().__init__()
+        self.flavor, self.heads = flavor, math.gcd(4, c_out)
+        self.skip = MPConv(c_in, c_out, (1, 1)) if c_in != c_out else None
+        self.res0 = MPConv(c_out if flavor == "enc" else c_in, c_out, (3, 3))
+        self.emb, self.emb_gain = MPConv(emb_dim, c_out), nn.Parameter(torch.zeros([]))
+        self.res1 = MPConv(c_out, c_out, (3, 3))
+        self.qkv = MPConv(c_out, 3 * c_out, (1, 1)) if attention else None
+        self.proj = MPConv(c_out, c_out, (1, 1)) if attention else None
+
+    def forward(self, x, emb):
+        if self.flavor == "enc":
+            x = normalize(self.skip(x) if self.skip else x, dim=1)
+        y = self.res0(mp_silu(x))
+        y = mp_silu(y * (self.emb(emb, gain=self.emb_gain) + 1)[:, :, None, None].to(y.dtype))
+        y = self.res1(y)
+        if self.flavor == "dec" and self.skip:
+            x = self.skip(x)
+        x = mp_sum(x, y)
+        if self.qkv:
+            b, c, h, w = x.shape
+            q, k, v = normalize(self.qkv(x).reshape(b, self.heads, c // self.heads, 3, h * w), dim=2).unbind(3)
+            y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            x = mp_sum(x, self.proj(y.transpose(-1, -2).reshape(b, c, h, w)))
+        return x.clip(-256, 256)
+
+
+class MPDiffusionModel(cd.DiffusionModel):
+    """cat_diffusion.DiffusionModel's layout (stages, widths, attention) built from EDM2's magnitude-preserving
+    layers: the stem sees a constant channel, the head's output gain starts at 0."""
+
+    def __init__(self, image_size=64, base_channels=32, channel_mults=(1, 2, 2, 4), blocks=1, attention_below=8,
+                 dropout=0.0, landmarks=False, student_steps=0):
+        nn.Module.__init__(self)
+        self.config = dict(image_size=image_size, base_channels=base_channels, channel_mults=list(channel_mults),
+                           blocks=blocks, attention_below=attention_below, dropout=dropout, landmarks=landmarks,
+                           student_steps=student_steps)
+        ch, res, emb_dim = [base_channels * m for m in channel_mults], [image_size >> i for i in range(4)], 4 * base_channels
+        self.register_buffer("c_noise", -LAMBDA.float() / 4)  # ln(sigma) / 4, EDM2's noise input
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(base_channels))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(base_channels))
+        self.noise_emb = MPConv(base_channels, emb_dim)
+        self.stem = MPConv(4, ch[0], (3, 3))
+
+        def stage(c_in, c_out, r, flavor):
+            return nn.ModuleList(MPBlock(c_in if j == 0 else c_out, c_out, emb_dim, flavor, r <= attention_below)
+                                 for j in range(blocks))
+
+        self.encoder = nn.ModuleList(stage(ch[max(i - 1, 0)], ch[i], res[i], "enc") for i in range(3))
+        self.middle = stage(ch[2], ch[3], res[3], "enc")
+        self.decoder = nn.ModuleList(stage(ch[i + 1] + ch[i], ch[i], res[i], "dec") for i in range(3))
+        self.head, self.out_gain = MPConv(ch[0], 3, (3, 3)), nn.Parameter(torch.zeros([]))
+
+    def forward(self, x, t, landmarks=None):
+        fourier = torch.cos(self.c_noise[t][:, None] * self.freqs + self.phases) * math.sqrt(2)
+        emb = mp_silu(self.noise_emb(fourier))
+        h, skips = self.stem(torch.cat([x, torch.ones_like(x[:, :1])], dim=1)), []
+        for i, stage in enumerate(self.encoder):
+            for block in stage:
+                h = block(F.avg_pool2d(h, 2) if i and block is stage[0] else h, emb)
+            skips.append(h)
+        h = F.avg_pool2d(h, 2)
+        for block in self.middle:
+            h = block(h, emb)
+        for i in reversed(range(3)):
+            h = mp_cat(F.interpolate(h, scale_factor=2, mode="nearest"), skips[i])
+            for block in self.decoder[i]:
+                h = block(h, emb)
+        return self.head(h, gain=self.out_gain)
+
+
 # change -> (cat_diffusion names to replace, TrainConfig fields to set, DiffusionModel arguments)
 CHANGES = {"none": ({}, {}, {}),
            "adamw": ({}, {"muon": False}, {}),
@@ -74,7 +197,9 @@ CHANGES = {"none": ({}, {}, {}),
            "warmup-50": ({}, {"warmup_steps": 50}, {}),
            "batch-16": ({}, {"batch_size": 16}, {}),
            "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
-           "progressive": ({}, {}, {})}  # low_res_share: --low-share
+           "progressive": ({}, {}, {}),  # low_res_share: --low-share
+           "edm2-mp": ({}, {"lr": 2e-2}, {})}
+MODELS = {"edm2-mp": MPDiffusionModel}
 
 
 def keep_profiles(ks, caps, profiles):
@@ -102,6 +227,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--low-share", type=float, default=0.0,
                    help="progressive: the share of the steps at half size (0: full size throughout)")
+    p.add_argument("-n", type=int, default=1000, help="samples to score")
+    p.add_argument("--lr", type=float, help="the peak learning rate instead of the change's")
     p.add_argument("--ema-k", type=int, nargs="+", default=[], metavar="K")
     p.add_argument("--ema-cap", type=float, nargs="+", default=[], metavar="DECAY")
     p.add_argument("--out", type=Path, default=Path("outputs/recipe_changes"))
@@ -112,6 +239,7 @@ def main():
     val_set = cd.CatDataset(args.data, 64, split="val", quiet=True)
     names, fields, model_args = CHANGES[args.change]
     fields = {**fields, "low_res_share": args.low_share} if args.change == "progressive" else fields
+    fields = {**fields, "lr": args.lr} if args.lr else fields
     for name, fn in names.items():
         setattr(cd, name, fn)
     profiles = {}
@@ -120,7 +248,7 @@ def main():
     torch.manual_seed(args.seed)
     previews, tic = [], time.perf_counter()
     cfg = cd.TrainConfig(minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields)
-    ema, history = cd.train(cd.DiffusionModel(**model_args), train_set, cfg, args.out,
+    ema, history = cd.train(MODELS.get(args.change, cd.DiffusionModel)(**model_args), train_set, cfg, args.out,
                             preview=timed(cd.previewer(args.out, args.seed, 64), previews))
     seconds = time.perf_counter() - tic
     cd.write_timeline(history, args.out / "progress.gif")
@@ -129,7 +257,7 @@ def main():
           flush=True)
     for label, model in [(args.change, ema)] if not profiles else \
             [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]:
-        r = ce.evaluate(model, train_set.faces, val_set.faces, 1000)
+        r = ce.evaluate(model, train_set.faces, val_set.faces, args.n)
         levels = " / ".join(f"{v:.1f}" for v in r["swd"])
         print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
               f"{r['swd_mean']:.1f} ({levels}), / floor {r['swd_mean'] / r['floor_mean']:.2f}, "
