@@ -13,7 +13,6 @@ Changes (none is cat_diffusion's default):
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
     min-snr     v-MSE weighted by min(SNR, 5) / (SNR + 1) (Hang et al. 2023: min-SNR-5 on the x0 error)
     beta2-0.999 AdamW betas (0.9, 0.999) (the default before (0.9, 0.99))
-    lr-3e-3     peak learning rate 3e-3 instead of 2e-3
     warmup-50   50 steps of learning-rate warm-up instead of 200
     batch-16    batch 16 at full size (8 at half size): 16 throughout was the default before the batch grew
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
@@ -193,7 +192,6 @@ CHANGES = {"none": ({}, {}, {}),
            "lognormal": ({"draw_noise": lognormal_noise}, {}, {}),
            "min-snr": ({"loss_weight": lambda snr: snr.clamp(max=5) / (snr + 1)}, {}, {}),
            "beta2-0.999": ({}, {"betas": (0.9, 0.999)}, {}),
-           "lr-3e-3": ({}, {"lr": 3e-3}, {}),
            "warmup-50": ({}, {"warmup_steps": 50}, {}),
            "batch-16": ({}, {"batch_size": 16}, {}),
            "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
