@@ -1886,6 +1886,7 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, prev
     the less error compounds (TRACT, Berthelot et al. 2023). A 1-step student learns best from the
     4-step one: 6 + 6 minutes gave SWD 57.7 and 57.4 (two seeds) against 61.1 and 61.6 from the 2-step
     one; straight from a trained teacher, 87.9 from its 14 finer substeps, 69.0 from its 4 coarse ones.
+    Consistency training (ECT) and distillation lost at the same 12 minutes: 91.7 and 88.3 against 57.2.
     `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s. Returns the (EMA) student and its
     training history."""
     check_student_steps(teacher, steps)
