@@ -13,6 +13,7 @@ DDIM 50; ours: DPM-Solver++ 20). Peak RSS comes from a fresh child process per c
 same training steps, since one process's peak covers everything it ever ran (Linux only).
 """
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -97,9 +98,7 @@ def main():
         status = Path("/proc/self/status").read_text()
         print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024)
         return
-    try:
-        import denoising_diffusion_pytorch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
         raise SystemExit("denoising-diffusion-pytorch is not installed: "
                          "python -m pip install denoising-diffusion-pytorch")
     built = {name: make(args.batch_size) for name, make in CONTENDERS.items()}

@@ -18,6 +18,9 @@ Changes (none is cat_diffusion's default):
     mults-1124  channels per resolution x (1, 1, 2, 4) instead of (1, 2, 2, 4): 32 rather than 64 at 32x32
     progressive the first --low-share of the steps at half size and batch (TrainConfig.low_res_share, see
                 cat_diffusion.half_resolution) instead of 40%; 0: full size throughout
+    schedule-free  schedule-free AdamW (Defazio et al. 2024, the `schedulefree` package: pip install schedulefree)
+                for all weights, warm-up then a constant learning rate; scored both as the run's EMA of its
+                training point y and as its own average x (the weights the method evaluates)
     edm2-mp     EDM2's magnitude-preserving network (Karras et al. 2024, config G) on the default's layout:
                 forced weight normalisation, no biases or norms but pixel norm, MP SiLU, sums and
                 concatenation, Fourier noise embedding, average-pool down and nearest up (MPDiffusionModel)
@@ -58,6 +61,22 @@ def lognormal_noise(x0, generator):
     t, eps = UNIFORM(x0, generator)  # eps, and a t replaced below
     lam = 1.2 - 1.2 * torch.randn(len(x0), generator=generator, dtype=torch.float64)  # -ln sigma
     return (LAMBDA[None] - lam[:, None]).abs().argmin(1).to(t.device), eps
+
+
+OPTIMIZERS = []  # the schedule-free run's optimizer, to read its average x after the run
+
+
+def schedule_free_optimizer(model, cfg):
+    import schedulefree  # not a project dependency
+    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    opt.train()  # the parameters hold y, where gradients are taken, until eval() moves them to x
+    OPTIMIZERS.append(opt)
+    return opt
+
+
+def warmup_only(step, warmup, total):
+    """warmup_cosine without its decay: schedule-free averaging replaces the schedule."""
+    return min(1.0, (step + 1) / warmup)
 
 
 def timed(preview, seconds):
@@ -196,6 +215,7 @@ CHANGES = {"none": ({}, {}, {}),
            "batch-16": ({}, {"batch_size": 16}, {}),
            "mults-1124": ({}, {}, {"channel_mults": (1, 1, 2, 4)}),
            "progressive": ({}, {}, {}),  # low_res_share: --low-share
+           "schedule-free": ({"make_optimizer": schedule_free_optimizer, "warmup_cosine": warmup_only}, {}, {}),
            "edm2-mp": ({}, {"lr": 6e-2}, {})}
 MODELS = {"edm2-mp": MPDiffusionModel}
 
@@ -246,15 +266,19 @@ def main():
     torch.manual_seed(args.seed)
     previews, tic = [], time.perf_counter()
     cfg = cd.TrainConfig(minutes=args.minutes, seed=args.seed, device="cpu", checkpoint_every=10 ** 9, **fields)
-    ema, history = cd.train(MODELS.get(args.change, cd.DiffusionModel)(**model_args), train_set, cfg, args.out,
-                            preview=timed(cd.previewer(args.out, args.seed, 64), previews))
+    model = MODELS.get(args.change, cd.DiffusionModel)(**model_args)
+    ema, history = cd.train(model, train_set, cfg, args.out, preview=timed(cd.previewer(args.out, args.seed, 64), previews))
     seconds = time.perf_counter() - tic
     cd.write_timeline(history, args.out / "progress.gif")
     print(f"previews: {len(previews)} in {sum(previews):.1f} s of the run's {seconds:.0f} s "
           f"({sum(previews) / seconds:.1%}); {history['faces'] / seconds:.1f} training images/s",
           flush=True)
-    for label, model in [(args.change, ema)] if not profiles else \
-            [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]:
+    scored = [(args.change, ema)] if not profiles else \
+        [(f"{args.change}, EMA k {k} cap {cap:g}", e.module.eval()) for (k, cap), e in profiles.items()]
+    for opt in OPTIMIZERS:
+        opt.eval()  # the model's parameters become schedule-free's average x
+        scored.append((f"{args.change}, its average x", model.eval()))
+    for label, model in scored:
         r = ce.evaluate(model, train_set.faces, val_set.faces, args.n)
         levels = " / ".join(f"{v:.1f}" for v in r["swd"])
         print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
