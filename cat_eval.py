@@ -97,6 +97,12 @@ def sample_quality(samples, train_faces, val_faces, seed=0):
                 floor_mean=sum(floor) / len(floor), memorisation=memorisation)
 
 
+def quality_line(r):
+    """A `sample_quality` result in one line, as the benchmarks print it."""
+    levels = " / ".join(f"{v:.1f}" for v in r["swd"])
+    return f"SWD {r['swd_mean']:.1f} ({levels}), / floor {r['swd_mean'] / r['floor_mean']:.2f}, memorisation {r['memorisation']:.2f}"
+
+
 def evaluate(model, train_faces, val_faces, n=1000, sampler=None, steps=None, seed=0):
     """`sample_quality` of `n` samples of `model`."""
     g = torch.Generator(model_device(model)).manual_seed(seed)

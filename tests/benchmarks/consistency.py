@@ -111,10 +111,8 @@ def main():
     g = torch.Generator().manual_seed(args.seed)  # as eval draws its noise
     samples = cd.sample(ema, args.n, "student", 1, t_start=T_MAX, generator=g).cpu()
     r = ce.sample_quality(samples, train_set.faces, val_set.faces, args.seed)
-    levels = " / ".join(f"{v:.1f}" for v in r["swd"])
     print(f"{args.method}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps "
-          f"({history['faces'] / seconds:.1f} faces/s), 1 step: SWD {r['swd_mean']:.1f} ({levels}), "
-          f"/ floor {r['swd_mean'] / r['floor_mean']:.2f}, memorisation {r['memorisation']:.2f}", flush=True)
+          f"({history['faces'] / seconds:.1f} faces/s), 1 step: {ce.quality_line(r)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -280,10 +280,8 @@ def main():
         scored.append((f"{args.change}, its average x", model.eval()))
     for label, model in scored:
         r = ce.evaluate(model, train_set.faces, val_set.faces, args.n)
-        levels = " / ".join(f"{v:.1f}" for v in r["swd"])
-        print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, SWD "
-              f"{r['swd_mean']:.1f} ({levels}), / floor {r['swd_mean'] / r['floor_mean']:.2f}, "
-              f"memorisation {r['memorisation']:.2f}", flush=True)
+        print(f"{label}, {args.minutes:g} minutes, seed {args.seed}: {len(history['loss'])} steps, "
+              f"{ce.quality_line(r)}", flush=True)
 
 
 if __name__ == "__main__":
