@@ -246,11 +246,11 @@ def test_readme_results_rows_are_current_figures_rows_of_results_md():
     current_table, current_rows = first_table(section(doc_text("tests/benchmarks/RESULTS.md"), "Current figures"))
     assert len(readme_rows) >= 5, "the README's Results table has too few rows to be the one meant"
     current = {label(row[0]): row for row in current_rows}
-    # a lost '|' merges two columns, and the row still renders, shifted
-    problems = [f"'{label(row[0])}' in {doc}: {len(row)} cells under a header of {len(header)}"
-                for doc, (table, rows) in [("README.md", (readme_table, readme_rows)),
-                                           ("RESULTS.md", (current_table, current_rows))]
-                for header in [table[0].strip().strip("|").split("|")] for row in rows if len(row) != len(header)]
+    problems = []
+    for doc, table, rows in [("README.md", readme_table, readme_rows), ("RESULTS.md", current_table, current_rows)]:
+        width = len(table[0].strip().strip("|").split("|"))  # a lost '|' merges two columns, and the row still renders
+        problems += [f"'{label(row[0])}' in {doc}: {len(row)} cells under a header of {width}"
+                     for row in rows if len(row) != width]
     for row in readme_rows:
         name = label(row[0])
         if name not in current:
