@@ -101,7 +101,7 @@ def test_classifier_free_guidance_extrapolates_from_unconditional_to_conditional
 def test_a_model_without_landmarks_refuses_them():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="without landmarks"):
-        cd.sample(cd.DiffusionModel(16, 8), 2, "ddim", 2, landmarks=layout(2), progress=False)
+        cd.sample(cd.DiffusionModel(16, 8, landmarks=False), 2, "ddim", 2, landmarks=layout(2), progress=False)
 
 
 def test_landmark_training_drops_the_condition_for_a_share_of_faces(cat_folder, tmp_path, monkeypatch):
@@ -225,9 +225,23 @@ def test_landmark_net_learns_to_find_landmarks(tmp_path):
 def landmark_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("landmark-run")
     photos = cd.write_synthetic_dataset(tmp / "photos", count=40, seed=0)
-    run_main(["train", "--data", str(photos), "--landmarks", "--image-size", "16", "--width", "8", "--epochs", "1",
+    run_main(["train", "--data", str(photos), "--image-size", "16", "--width", "8", "--epochs", "1",
               "--batch-size", "8", "--out", str(tmp / "out"), "--name", str(tmp / "M")], tmp / "cache")
     return tmp, photos, sorted(photos.glob("*.jpg"))
+
+
+def test_training_takes_the_landmarks_unless_told_not_to_and_a_resumed_run_keeps_its_choice(landmark_run):
+    tmp, photos, _ = landmark_run
+    assert cd.load_model(None, tmp / "M.pth").config["landmarks"]  # the fixture's run gave no option
+    plain = ["--image-size", "16", "--width", "8", "--batch-size", "8", "--out", str(tmp / "plain"),
+             "--name", str(tmp / "P")]
+    run_main(["train", "--data", str(photos), "--no-landmarks", "--epochs", "1", *plain], tmp / "cache")
+    assert not cd.load_model(None, tmp / "P.pth").config["landmarks"]
+    checkpoint = tmp / "plain" / "checkpoint.pt"
+    first = cd.read_checkpoint(checkpoint, want="training")["step"]
+    run_main(["train", "--resume", str(checkpoint), "--epochs", "2"], tmp / "cache")  # saved: landmarks False
+    assert cd.read_checkpoint(checkpoint, want="training")["step"] > first
+    assert not cd.load_model(None, tmp / "P.pth").config["landmarks"]
 
 
 def test_sample_like_a_photo_writes_samples_and_a_copy_with_its_landmarks(landmark_run, capsys):
@@ -263,7 +277,7 @@ def test_a_photo_without_landmarks_is_an_error_naming_it(landmark_run, tmp_path)
 
 
 def test_landmark_options_with_a_model_trained_without_them_are_an_error(tmp_path, cat_folder):
-    path = cd.save_model(cd.DiffusionModel(16, 8), tmp_path / "plain")
+    path = cd.save_model(cd.DiffusionModel(16, 8, landmarks=False), tmp_path / "plain")
     photo = sorted(cat_folder.glob("*.jpg"))[0]
     with pytest.raises(SystemExit, match="trained without landmarks"):
         cd.main(["sample", "--model", str(path), "--like", str(photo), "--out", str(tmp_path)])

@@ -19,7 +19,7 @@ def script(cwd, *argv, cache, **kwargs):
 
 
 def test_eval_runs_as_a_command_and_its_refusals_are_one_line(photos, tmp_path):
-    cd.save_model(cd.DiffusionModel(16, 8), tmp_path / "M")
+    cd.save_model(cd.DiffusionModel(16, 8, landmarks=False), tmp_path / "M")
     ok = script(ROOT, "eval", "--model", str(tmp_path / "M.pth"), "--data", str(photos), "-n", "4", "--steps", "2",
                 "--json", str(tmp_path / "r.json"), cache=tmp_path / "cache")
     out, err = ok.communicate(timeout=300)

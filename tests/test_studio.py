@@ -193,7 +193,7 @@ def test_a_model_without_landmarks_samples_unconditionally_and_hides_the_editor(
 
 
 def test_training_with_landmarks_stores_layouts_that_serve_reads(tmp_path, photos):
-    cd.main(["train", "--data", str(photos), "--landmarks", "--epochs", "1", "--image-size", "16", "--width", "8",
+    cd.main(["train", "--data", str(photos), "--epochs", "1", "--image-size", "16", "--width", "8",
              "--batch-size", "8", "--precision", "fp32", "--out", str(tmp_path / "run"), "--name", str(tmp_path / "M")])
     stored = cs.stored_layouts(tmp_path / "M")
     faces = cd.CatDataset(photos, 16, split="train", quiet=True)

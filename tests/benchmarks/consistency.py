@@ -94,17 +94,14 @@ def main():
     train_set = cd.CatDataset(args.data, teacher.config["image_size"], split="train")
     val_set = cd.CatDataset(args.data, teacher.config["image_size"], split="val", quiet=True)
     torch.manual_seed(args.seed)
-    student = cd.DiffusionModel(**{**teacher.config, "student_steps": 1})
-    student.load_state_dict(teacher.state_dict())
-    teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     cfg = cd.TrainConfig(**{**cd.DISTILL, "minutes": args.minutes, "seed": args.seed, "device": "cpu",
                             "checkpoint_every": 10 ** 9})
-    objective = consistency_loss(args.method, teacher, args.minutes, cd.autocast_dtype(torch.device("cpu"), "auto"),
-                                 cd.guidance_of(teacher))
     args.out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    ema, history = cd.train(student, train_set, cfg, args.out, objective=objective,
-                            preview=cd.previewer(args.out, args.seed, teacher.config["image_size"]))
+    ema, history = cd.distill(teacher, train_set, 1, cfg, args.out,
+                              preview=cd.previewer(args.out, args.seed, teacher.config["image_size"]),
+                              objective=lambda teacher, steps, dtype, guidance:
+                              consistency_loss(args.method, teacher, args.minutes, dtype, guidance))
     seconds = time.perf_counter() - tic
     cd.save_model(ema, args.out / f"{args.method}")
     cd.write_timeline(history, args.out / "progress.gif")

@@ -7,7 +7,9 @@ profiles kept through the same run (EDM2's post-hoc EMA idea, Karras et al. 2024
 Changes (none is cat_diffusion's default):
     none        t uniform over the schedule, v-MSE weighted by (min(SNR, 5) + 1) / (SNR + 1), Muon for the
                 hidden weights and AdamW for the rest (cat_diffusion.MuonAdamW), betas (0.9, 0.99),
-                peak learning rate 2e-3, the first 40% of the steps at half size and batch 16, then 32
+                peak learning rate 2e-3, the first 40% of the steps at half size and batch 16, then 32,
+                conditioned on the landmarks (dropped for 15% of the faces), scored unconditionally
+    no-landmarks  trained without the landmarks (the default before them)
     adamw       AdamW for all weights (the default before Muon)
     v-mse       unweighted v-MSE (the default before that weighting)
     lognormal   EDM's noise levels (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), lambda = -ln sigma, nearest t
@@ -206,6 +208,7 @@ class MPDiffusionModel(cd.DiffusionModel):
 
 # change -> (cat_diffusion names to replace, TrainConfig fields to set, DiffusionModel arguments)
 CHANGES = {"none": ({}, {}, {}),
+           "no-landmarks": ({}, {}, {"landmarks": False}),
            "adamw": ({}, {"muon": False}, {}),
            "v-mse": ({"loss_weight": torch.ones_like}, {}, {}),
            "lognormal": ({"draw_noise": lognormal_noise}, {}, {}),
