@@ -1335,7 +1335,7 @@ def landmarks_for(model, landmarks, n, device):
     if landmarks is None:
         return None
     if not model.config["landmarks"]:
-        raise ValueError("this model was trained without landmarks (train with --landmarks)")
+        raise ValueError("this model was trained without landmarks")
     return landmarks.float().to(device).expand(n, K, 2)
 
 
@@ -2105,8 +2105,7 @@ def run_sample(args):
     marked, marks = (singles.pop() if layout else None), None
     if layout:
         if not model.config["landmarks"]:
-            raise CheckpointError(f"{args.model}: trained without landmarks; train with --landmarks "
-                                  f"to use --landmarks/--like")
+            raise CheckpointError(f"{args.model}: trained without landmarks, so it takes no --landmarks/--like")
         cat = layout if args.landmarks else sidecar(layout, required=True)
         try:
             marks = align_landmarks(parse_cat_file(cat))
@@ -2272,7 +2271,7 @@ def build_parser(wanted=None, resumed=None, error=None):
     sa.add_argument("-n", type=positive_int, default=64, help="number of faces")
     layout = sa.add_mutually_exclusive_group()
     layout.add_argument("--landmarks", type=existing_file, metavar="FILE.cat",
-                        help="cats with the face layout of a .cat file (a model trained with --landmarks)")
+                        help="cats with the face layout of a .cat file")
     layout.add_argument("--like", type=existing_file, metavar="PHOTO", help="cats with the face layout of PHOTO")
     rc = command("reconstruct", "noise a real face and denoise it (SDEdit), or invert it", model_file)
     rc.add_argument("photo", type=existing_file, help="a photo with its .cat file")
