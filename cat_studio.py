@@ -103,7 +103,7 @@ class Studio:
         return dict(landmarks=self.landmarks, names=LANDMARKS, ears=EARS, regions=REGIONS, mean=self.mean.tolist(),
                     random_layout=self.scale
                     is not None, device=model_device(self.model).type, image_size=self.model.config["image_size"],
-                    sampler=sampler, steps=steps, guidance=guidance_of(self.model) if self.landmarks else 1.0,
+                    sampler=sampler, steps=steps, guidance=guidance_of(self.model),
                     limits=STUDIO_LIMITS)
 
     def layout(self, request):
@@ -122,8 +122,7 @@ class Studio:
         _, steps = sampler_of(self.model)
         steps = field(request, "steps", int, 1, STUDIO_LIMITS["steps"], steps)
         marks = landmarks_field(request) if self.landmarks else None
-        guidance = field(request, "guidance", float, 0.0, STUDIO_LIMITS["guidance"], guidance_of(self.model)) \
-            if self.landmarks else 1.0
+        guidance = field(request, "guidance", float, 0.0, STUDIO_LIMITS["guidance"], guidance_of(self.model))
         size = self.model.config["image_size"]
         noise = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
         return noise, marks, steps, guidance

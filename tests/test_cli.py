@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cat_diffusion as cd
-from helpers import SHARED_DATA, assert_png, distinct_model, grid_side, needs_shared, run_main
+from helpers import SHARED_DATA, assert_png, assert_same_weights, distinct_model, grid_side, needs_shared, run_main
 
 FIGURES = ("loss_curve.png", "progress.png", "reconstructions.png", "samples.png", "denoising.png")
 
@@ -87,6 +87,25 @@ def test_train_command_writes_model_and_pictures(photos, tmp_path):
     ckpt = cd.read_checkpoint(out / "checkpoint.pt", want="training")
     assert ckpt["step"] == 36 // 8  # one epoch of the 36 training faces
     assert not (tmp_path / "DiffusionModel.pth").exists()
+
+
+def test_train_keeps_its_guide_in_the_model_file_and_refuses_one_for_other_faces(photos, tmp_path):
+    torch.manual_seed(0)
+    guide = cd.DiffusionModel(16, 8)  # the settings of the model trained below
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path, small = cd.save_model(guide, tmp_path / "G"), cd.save_model(cd.DiffusionModel(8, 8), tmp_path / "G8")
+
+    def train(guide, name):
+        cd.main(["train", "--data", str(photos), "--epochs", "1", "--image-size", "16", "--batch-size", "8", "--width", "8",
+                 "--out", str(tmp_path / name), "--name", str(tmp_path / name), "--precision", "fp32", "--guide", str(guide)])
+
+    train(path, "M")
+    assert_same_weights(cd.load_model(None, tmp_path / "M").guide, guide)
+    with pytest.raises(SystemExit, match="G8.pth: a guide is a model of the same settings .* not one with image_size=8"):
+        train(small, "M2")
+    assert not (tmp_path / "M2.pth").exists()
 
 
 def test_sample_command_writes_a_grid_and_single_images(tmp_path):

@@ -1,6 +1,7 @@
 """The diffusion maths and the samplers of cat_diffusion.py: schedule, forward process,
 v-parametrisation, a loss that falls, and DDPM / DDIM / DPM-Solver++ checked against oracle
 denoisers whose answers are known in closed form."""
+import copy
 import math
 
 import pytest
@@ -191,6 +192,36 @@ def test_ddim_is_deterministic_for_a_seed():
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2), atol=1e-3)
+
+
+def test_guidance_extrapolates_from_the_guide_without_landmarks_and_from_no_landmarks_with_them():
+    model = live_model(landmarks=True)
+    model.guide = live_model(landmarks=True, seed=1)
+    x, t, ab, w = torch.randn(4, 3, 16, 16), torch.tensor(600), cd.ALPHA_BAR[600], 3.0
+    marks = torch.rand(4, 9, 2)
+    marks[2:] = float("nan")  # faces 0-1 have landmarks, 2-3 none
+    with torch.no_grad():
+        v, v_u, v_g = model(x, t.expand(4), marks), model(x, t.expand(4)), model.guide(x, t.expand(4))
+        v_0 = torch.cat([v_u[:2], v_g[2:]])  # classifier-free guidance, then autoguidance
+        x0, _ = cd.denoise(model, x, t, ab, None, marks, guidance=w)
+        torch.testing.assert_close(x0, cd.predict_x0_eps(v_0 + w * (v - v_0), x, ab)[0].clamp(-1, 1), atol=1e-5, rtol=0)
+        x0, _ = cd.denoise(model, x, t, ab, None, marks, guidance=1.0)
+        torch.testing.assert_close(x0, cd.predict_x0_eps(v, x, ab)[0].clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_sampling_follows_the_models_guide_unless_told_guidance_1():
+    model = live_model(landmarks=True)
+
+    def run(**options):
+        return cd.sample(model, 2, "dpm++", 4, generator=torch.Generator().manual_seed(0), precision="fp32",
+                         progress=False, **options)
+
+    alone = run()
+    model.guide = copy.deepcopy(model)
+    torch.testing.assert_close(run(), alone)  # a guide that predicts what the model does changes nothing
+    model.guide = live_model(landmarks=True, seed=1)
+    assert not torch.allclose(run(), alone, atol=1e-3)
+    torch.testing.assert_close(run(guidance=1.0), alone)
 
 
 @pytest.mark.parametrize("steps", [3, None], ids=["steps=3", "default steps"])

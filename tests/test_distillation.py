@@ -239,6 +239,11 @@ def test_a_landmark_model_distils_with_its_guidance_built_in(tmp_path):
     unconditional = torch.full_like(marks, float("nan"))  # guidance acts only where there are landmarks
     torch.testing.assert_close(cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=cd.GUIDANCE),
                                cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
+    teacher.guide = live_model(landmarks=True, seed=1)  # and, with a guide, where there are none (autoguidance)
+    assert not torch.allclose(cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=cd.GUIDANCE),
+                              cd.teacher_target(teacher, z, 0, 2, None, unconditional, guidance=1.0))
+    student, _ = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path / "guided")
+    assert getattr(student, "guide", None) is None, "the student learns the guided map and needs no guide"
     assert cd.guidance_of(teacher) == cd.GUIDANCE
     teacher = cd.DiffusionModel(**{**teacher.config, "student_steps": 4})  # a student: guidance built in
     student, _ = cd.distill(teacher, data, 2, distill_config(epochs=1), tmp_path)

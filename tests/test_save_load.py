@@ -24,6 +24,20 @@ def test_save_model_writes_name_pth_and_load_model_round_trips_exactly(tmp_path)
     assert_same_weights(cd.load_model(distinct_model(seed=2), str(path)), model)  # NAME.pth works too
 
 
+def test_a_models_guide_is_saved_and_loaded_with_it(tmp_path):
+    model = distinct_model()
+    model.guide = distinct_model(seed=1)
+    cd.save_model(model, tmp_path / "M")
+    for given in (None, distinct_model(seed=2)):
+        loaded = cd.load_model(given, tmp_path / "M")
+        assert_same_weights(loaded.guide, model.guide)
+        assert_same_weights(loaded, model)
+    cd.save_model(distinct_model(), tmp_path / "N")
+    given = distinct_model(seed=2)
+    given.guide = distinct_model(seed=3)
+    assert cd.load_model(given, tmp_path / "N").guide is None  # a file without a guide: the model has none
+
+
 def test_load_model_given_a_model_of_another_width_returns_the_files_and_says_so(tmp_path, capsys):
     saved = distinct_model(width=8)
     cd.save_model(saved, tmp_path / "M")
