@@ -44,10 +44,10 @@ def live_model(size=16, width=8, seed=0, landmarks=False):
     return model.eval()
 
 
-def distinct_model(size=16, width=8, seed=0):
+def distinct_model(size=16, width=8, seed=0, landmarks=False):
     """A tiny model whose every tensor, zero-initialised layers included, is distinctive: for
     round trips that must restore each one."""
-    model = tiny_model(size, width, seed)
+    model = tiny_model(size, width, seed, landmarks)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -90,11 +90,7 @@ def test_train_command_writes_model_and_pictures(photos, tmp_path):
 
 
 def test_train_keeps_its_guide_in_the_model_file_and_refuses_one_for_other_faces(photos, tmp_path):
-    torch.manual_seed(0)
-    guide = cd.DiffusionModel(16, 8)  # the settings of the model trained below
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+    guide = distinct_model(landmarks=True)  # the settings of the model trained below
     path, small = cd.save_model(guide, tmp_path / "G"), cd.save_model(cd.DiffusionModel(8, 8), tmp_path / "G8")
 
     def train(guide, name):
