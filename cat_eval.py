@@ -314,8 +314,8 @@ def run_eval(args):
                          f"eval needs validation faces and at least as many training faces")
     r = evaluate(model, train_set.faces, val_set.faces, args.n, args.sampler, args.steps, args.seed)
     levels = [f"{size >> i}px" for i in range(len(r["swd"]) - 1)] + ["low-pass"]
-    print(f"{args.model}: {r['n']} samples, {r['sampler']} {r['steps']} steps, against {r['m']} "
-          f"validation faces of {args.data}")
+    print(f"{args.model}: {r['n']} samples ({r['m']} in the SWD, all in memorisation), {r['sampler']} {r['steps']} "
+          f"steps, against {r['m']} validation faces of {args.data}")
     print(f"{'SWD x 1e3':<22}" + "".join(f"{lv:>10}" for lv in levels) + f"{'mean':>10}")
     print(f"{'  samples vs real':<22}" + "".join(f"{v:10.2f}" for v in r["swd"]) + f"{r['swd_mean']:10.2f}")
     print(f"{'  real vs real (floor)':<22}" + "".join(f"{v:10.2f}" for v in r["floor"]) + f"{r['floor_mean']:10.2f}")
@@ -381,7 +381,8 @@ def add_arguments(command, parser):
     from cat_diffusion import existing_dir, existing_file, name_arg, positive_int
     if command == "eval":
         parser.add_argument("--data", type=existing_dir, default=Path("data"), help="the data the model was trained on")
-        parser.add_argument("-n", type=positive_int, default=defaults_of(evaluate)["n"], help="number of samples")
+        parser.add_argument("-n", type=positive_int, default=defaults_of(evaluate)["n"],
+                            help="number of samples (the SWD takes the first as many as there are validation faces)")
         parser.add_argument("--landmark-net", type=existing_file, default=None, metavar="PATH",
                             help="with a landmark model: also measure how well samples follow their landmarks, "
                                  "with this net from fit-landmarks")
