@@ -209,6 +209,21 @@ def test_guidance_extrapolates_from_the_guide_without_landmarks_and_from_no_land
         torch.testing.assert_close(x0, cd.predict_x0_eps(v, x, ab)[0].clamp(-1, 1), atol=1e-5, rtol=0)
 
 
+def test_the_guide_acts_only_at_snr_guide_min_snr_and_above_and_landmarks_guide_at_every_noise_level():
+    model = live_model(landmarks=True)
+    model.guide = live_model(landmarks=True, seed=1)
+    t = torch.tensor([600, 900, 600, 900])  # SNR 0.51 and 0.02, either side of GUIDE_MIN_SNR = 1 / 9
+    assert cd.ALPHA_BAR[900] / (1 - cd.ALPHA_BAR[900]) < cd.GUIDE_MIN_SNR < cd.ALPHA_BAR[600] / (1 - cd.ALPHA_BAR[600])
+    x, ab, w = torch.randn(4, 3, 16, 16), cd.ALPHA_BAR[t][:, None, None, None], 3.0  # one t per image
+    marks = torch.rand(4, 9, 2)
+    marks[2:] = float("nan")  # faces 0-1 have landmarks, 2-3 none
+    with torch.no_grad():
+        v, v_u, v_g = model(x, t, marks), model(x, t), model.guide(x, t)
+        v_0 = torch.cat([v_u[:2], v_g[2:3], v[3:]])  # face 3, at SNR 0.02 without landmarks, is not guided
+        x0, _ = cd.denoise(model, x, t, ab, None, marks, guidance=w)
+        torch.testing.assert_close(x0, cd.predict_x0_eps(v_0 + w * (v - v_0), x, ab)[0].clamp(-1, 1), atol=1e-5, rtol=0)
+
+
 def test_sampling_follows_the_models_guide_unless_told_guidance_1():
     model = live_model(landmarks=True)
 
