@@ -1347,10 +1347,11 @@ def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
     landmarks the model's without them (classifier-free guidance, Ho & Salimans 2022), for one
     without them its guide's, where it has one (`train --guide`): the same kind of model trained for
     less time (autoguidance, Karras et al. 2024), at SNR >= GUIDE_MIN_SNR only (a guidance interval,
-    Kynkaanniemi et al. 2024): a 9-minute model with a 3-minute guide scored SWD 16.6 against 20.4
-    guided at every step, whose noisy steps spoiled the faces' layout (sigma <= 2: 15.8, but a
-    60-minute model's 18.1 against 17.5); its own run's EMA at 60% and 75% of its steps lost as a
-    guide (RESULTS.md, Autoguidance). `t`: one timestep, or one per image, as `ab`."""
+    Kynkaanniemi et al. 2024). A 12-minute guide took a 30-minute model from SWD 19.0 to 16.8 (60
+    minutes: 19.9 to 17.5); a 9-minute model with a 3-minute guide scored 16.6 against 20.4 guided at
+    every step, whose noisy steps spoiled the faces' layout (sigma <= 2: 15.8, but the 60-minute
+    model's 18.1); its own run's EMA at 60% and 75% of its steps lost as a guide (RESULTS.md,
+    Autoguidance). `t`: one timestep, or one per image, as `ab`."""
     t = t.expand(len(x))
     free = x.new_ones(len(x), dtype=torch.bool) if landmarks is None else landmarks.isnan().flatten(1).any(1)
     near = free & (ab / (1 - ab)).reshape(-1).expand(len(x)).ge(GUIDE_MIN_SNR)  # the guide's interval
