@@ -2,7 +2,8 @@
 
     python cat_diffusion.py                     # train on data/ (synthetic cats if it is empty)
     python cat_diffusion.py --minutes 30        # train for a time instead of 50 epochs (on time, re-planned)
-                                                # outputs/progress.png: the cats as they form
+                                                # outputs/progress.png: the cats as they form; its first
+                                                # quarter trains outputs/guide/, its autoguidance guide
     python cat_diffusion.py --resume            # continue outputs/checkpoint.pt's run
     python cat_diffusion.py sample -n 64        # generate from DiffusionModel.pth
     python cat_diffusion.py eval --data DIR     # sample quality against held-out faces (cat_eval.py)
@@ -329,8 +330,7 @@ def align_face(image, points, size, min_face=MIN_FACE):
     # The box's corners in photo pixels give the region to keep, with a margin for interpolation.
     box = np.array([[-0.5, -0.4], [0.5, -0.4], [-0.5, 0.6], [0.5, 0.6]]) * width
     corners = center + box @ np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
-    x0, y0 = np.floor(corners.min(0)).astype(int) - 2
-    x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+    (x0, y0), (x1, y1) = np.floor(corners.min(0)).astype(int) - 2, np.ceil(corners.max(0)).astype(int) + 2
     pad = [max(0, -x0), max(0, -y0), max(0, x1 - photo_width), max(0, y1 - height)]
     mode = "reflect" if max(pad[0], pad[2]) < photo_width and max(pad[1], pad[3]) < height else "edge"
     face = tv_tensors.Image(image)
@@ -424,8 +424,7 @@ def load_faces(root, size, min_face=MIN_FACE, cache_dir=None, quiet=False):
     root, tic, source = Path(root).resolve(), time.perf_counter(), "cache"
     pairs, missing, unnamed = find_annotated_photos(root)
     key = files_fingerprint(root, [p for pair in pairs for p in pair] + missing + unnamed, size, min_face)
-    folder_id = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
-    cache = Path(cache_dir or CACHE_DIR) / f"faces-{size}px-{folder_id}.pt"
+    cache = Path(cache_dir or CACHE_DIR) / f"faces-{size}px-{hashlib.sha256(os.fsencode(root)).hexdigest()[:12]}.pt"
     if cached := cached_faces(cache, key, size):
         faces, marks, names, bad = cached
     else:
@@ -561,9 +560,8 @@ def draw_synthetic_cat(rng, photo_size=(256, 192)):
 
 def write_synthetic_dataset(folder, count=700, seed=0):
     """A deterministic synthetic dataset in the CAT format: NNNNNNNN_000.jpg + .jpg.cat pairs."""
-    folder = Path(folder)
+    folder, rng = Path(folder), np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     for i in tqdm(range(count), desc="drawing synthetic cats", unit="photo"):
         photo, marks = draw_synthetic_cat(rng)
         path = folder / f"{i:08d}_000.jpg"
@@ -665,8 +663,7 @@ class Attention(nn.Module):
     def __init__(self, channels, heads=4):
         super().__init__()
         self.heads, self.norm = math.gcd(heads, channels), group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv, self.out = nn.Conv2d(channels, 3 * channels, 1), zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -715,8 +712,9 @@ class DiffusionModel(nn.Module):
     `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
     sample in N steps of the "student" sampler, which is then its default.
 
-    `guide`, where a trained model has one (`train --guide`): a DiffusionModel trained for less
-    time, which sampling extrapolates away from (see `denoise`); saved and loaded with the model.
+    `guide`, where a trained model has one (`train` trains one first, or takes `--guide`): a
+    DiffusionModel trained for less time, which sampling extrapolates away from (see `denoise`);
+    saved and loaded with the model.
 
     EDM2's magnitude-preserving layers on this layout lost at 6 minutes at every learning rate tried
     (SWD 43.5 at best against 39.5: RESULTS.md, EDM2's magnitude-preserving network).
@@ -759,9 +757,8 @@ class DiffusionModel(nn.Module):
             x = torch.cat([x, landmark_heatmaps(landmarks.float(), x.shape[-1]).to(x.dtype)], dim=1)
         h, skips = self.stem(x), []
         for stage, down in zip(self.encoder, self.down):
-            h = stage(h, emb)
-            skips.append(h)
-            h = down(h)
+            skips.append(stage(h, emb))
+            h = down(skips[-1])
         h = self.middle(h, emb)
         for i in reversed(range(3)):
             h = self.decoder[i](torch.cat([self.up[i](h), skips[i]], dim=1), emb)
@@ -1131,8 +1128,7 @@ def worth_keeping(model, ema, opt, loss_of):
                *(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))]
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         return False
-    model.eval()
-    loss = loss_of(model).item()
+    loss = loss_of(model.eval()).item()
     model.train()
     return math.isfinite(loss)
 
@@ -1178,14 +1174,12 @@ def train(model, data, cfg, out_dir, val_data=None, resume=None, settings=None, 
     writes; the result matches a single process up to float rounding.
     """
     rank, world = rank_and_world()
-    objective = objective or diffusion_loss
-    device = pick_device(cfg.device)
+    objective, device = objective or diffusion_loss, pick_device(cfg.device)
     dtype = autocast_dtype(device, cfg.precision)
     model.to(device, memory_format=torch.channels_last).train()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net, dynamic=False) if cfg.compile else net  # a static graph for each image size
-    ema = make_ema(model, cfg.ema_decay)
-    opt = make_optimizer(model, cfg)
+    ema, opt = make_ema(model, cfg.ema_decay), make_optimizer(model, cfg)
     # at half size and half the batch until step low_res_share x total, where the half size still halves three times
     low = cfg.low_res_share > 0 and model.config["image_size"] % 16 == 0
     batch = min(cfg.batch_size, len(data))
@@ -1345,7 +1339,7 @@ def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
     """The model's clean-image estimate x0 (clipped to [-1, 1]) and the eps consistent with it.
     With guidance w != 1, v = v_0 + w (v - v_0), away from a weaker prediction v_0: for a face with
     landmarks the model's without them (classifier-free guidance, Ho & Salimans 2022), for one
-    without them its guide's, where it has one (`train --guide`): the same kind of model trained for
+    without them its guide's, where it has one (see `train_guide`): the same kind of model trained for
     less time (autoguidance, Karras et al. 2024), at SNR >= GUIDE_MIN_SNR only (a guidance interval,
     Kynkaanniemi et al. 2024). A 12-minute guide took a 30-minute model from SWD 19.0 to 16.8 (60
     minutes: 19.9 to 17.5); a 9-minute model with a 3-minute guide scored 16.6 against 20.4 guided at
@@ -1470,10 +1464,8 @@ def sample(model, n=64, sampler=None, steps=None, x=None, t_start=T - 1, generat
 
 def generate(model, n=64, steps=None, sampler=None, seed=None):
     """REPL helper: `n` new faces as a float tensor (n, 3, S, S) in [0, 1] on the CPU."""
-    g = torch.Generator(model_device(model))
-    g.manual_seed(seed) if seed is not None else g.seed()
-    model.eval()
-    return to_unit(sample(model, n, sampler, steps, generator=g))
+    g = seeded_generator(model, torch.Generator().seed() if seed is None else seed)  # no seed: a random one
+    return to_unit(sample(model.eval(), n, sampler, steps, generator=g))
 
 
 def sdedit(model, faces, strength, generator, landmarks=None, steps=50):
@@ -1721,8 +1713,7 @@ def model_path(name):
 def save_model(model, name, layouts=None):
     """Write `name.pth` atomically: {"class": "DiffusionModel", "config": model.config, "state_dict": weights},
     with a landmark model's `layouts` (see `layout_stats`; cat_studio's `stored_layouts` reads them)."""
-    path = model_path(name)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path, state = model_path(name), {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save({"kind": "model", "class": type(model).__name__, "config": model.config,
                                              "state_dict": state, **({"layouts": layouts} if layouts else {})}, f))
     return path
@@ -1821,8 +1812,7 @@ def teacher_grid(teacher, steps):
     native = teacher.config.get("student_steps", 0)
     grid = time_grid("student", steps).tolist() + [-1]  # -1: the clean image
     if native:
-        r = native // steps
-        own = time_grid("student", native).tolist() + [-1]
+        r, own = native // steps, time_grid("student", native).tolist() + [-1]
         rows = [own[k * r:(k + 1) * r + 1] for k in range(steps)]
     else:
         lam = half_log_snr(ALPHA_BAR).clamp(min=-6)
@@ -1997,12 +1987,12 @@ def record_outputs(checkpoint, paths):
 RESUME_HINT = "pass --resume to continue that run, --overwrite to start over, or another --out/--name"
 
 
-def settings_of(args, **paths):
+def settings_of(args, folder=None, **paths):
     """A resumable command's settings for its checkpoint (what --resume takes back as defaults):
-    its options, with `paths` as `run_relative` paths."""
+    its options, with `paths` as `run_relative` paths (to `folder`, the checkpoint's, default OUT)."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                 if k not in ("command", "resume", "overwrite", "run_settings", "run_outputs", "out")}
-    return {**settings, **{k: run_relative(v, args.out) for k, v in paths.items() if v is not None}}
+    return {**settings, **{k: run_relative(v, folder or args.out) for k, v in paths.items() if v is not None}}
 
 
 TRAIN_OUTPUTS = ("checkpoint.pt", "loss_curve.png", "progress.png", "progress.gif", "reconstructions.png", "samples.png",
@@ -2017,33 +2007,48 @@ def config_of(args, recipe=None):
     return TrainConfig(**{**(recipe or {}), **getattr(args, "run_config", {}), **given})
 
 
-def run_train(args):
-    torch.manual_seed(args.seed)
+def train_guide(args, budget, path):
+    """Autoguidance's guide for a new run without `--guide` (or one resumed in its guide): a run of the
+    same settings for `budget` ({"minutes" or "epochs": its part}), trained first into `path` in
+    OUT/guide, whose checkpoint keeps the whole run's settings, so that `--resume` goes on from it."""
+    guide = argparse.Namespace(**{**vars(args), "out": path.parent, "name": str(path), "guide_share": 0, **budget})
+    run_train(guide, {**settings_of(args, path.parent, data=args.data, name=model_path(args.name)), "guide_of_run": True})
+    return path
+
+
+def run_train(args, settings=None):
     rank, world = rank_and_world()
     args.batch_size, args.compile, args.epochs, args.width = training_recipe(args, pick_device(args.device))
     model_file, outputs = model_path(args.name), [args.out / f for f in TRAIN_OUTPUTS]
     claim_outputs(outputs + [model_file], args.overwrite, args.run_outputs, hint=RESUME_HINT)
-    guide = load_model(None, args.guide) if args.guide else None
+    own, key = args.out / "guide" / "Guide.pth", "minutes" if args.minutes else "epochs"  # the budget the guide shares
+    part = args.minutes * args.guide_share if args.minutes else int(args.epochs * args.guide_share)
+    if part and not args.guide and (args.resume is None or args.run_settings.get("guide_of_run")):
+        args.guide, args.resume, args.run_outputs = train_guide(args, {key: part}, own), None, {}
+    rest = {key: getattr(args, key) - part} if part and args.guide and Path(args.guide).resolve() == own.resolve() else {}
+    torch.manual_seed(args.seed)
     if rank > 0:
-        barrier()  # rank 0 draws any synthetic set and builds the face cache first
+        barrier()  # rank 0 draws any synthetic set, builds the face cache and writes any guide of its own first
     data_dir = resolve_data(args.data or Path("data"), args.synthetic_count, args.seed, default=args.data is None)
     train_set = CatDataset(data_dir, args.image_size, split="train", quiet=rank > 0)
     val_set = CatDataset(data_dir, args.image_size, split="val", quiet=True)
     if rank == 0:
         barrier()
         print(f"{len(train_set)} training and {len(val_set)} validation faces from {data_dir}"
-              + (f"; {world} processes, {args.batch_size // world} faces each per step" if world > 1 else ""))
+              + (f"; {world} processes, {args.batch_size // world} faces each per step" if world > 1 else "")
+              + (f"; first the guide (autoguidance), {getattr(args, key):g} {key}, in {args.out}" if settings else ""))
     if len(train_set) == 0 or len(val_set) == 0:
         train_set, val_set = CatDataset(data_dir, args.image_size, quiet=True), None
         if rank == 0:
             print("too few photo ids to hold some out: training on all faces, no validation loss")
     model = DiffusionModel(args.image_size, base_channels=args.width, blocks=args.blocks, landmarks=args.landmarks)
+    guide = load_model(None, args.guide) if args.guide else None
     if guide and guide.config != model.config:
         raise CheckpointError(f"{args.guide}: a guide is a model of the same settings (trained for less time), not one "
                               f"with " + ", ".join(f"{k}={v!r}" for k, v in guide.config.items() if model.config[k] != v))
-    settings = settings_of(args, data=data_dir, name=model_file, guide=args.guide)
-    ema, history = train(model, train_set, config_of(args), args.out, val_set, resume=args.resume, settings=settings,
-                         preview=previewer(args.out, args.seed, args.image_size))
+    settings = settings or settings_of(args, data=data_dir, name=model_file, guide=args.guide)
+    ema, history = train(model, train_set, dataclasses.replace(config_of(args), **rest), args.out, val_set,
+                         resume=args.resume, settings=settings, preview=previewer(args.out, args.seed, args.image_size))
     if rank > 0:
         return
     write_timeline(history, args.out / "progress.gif")
@@ -2069,8 +2074,7 @@ def open_model(args, *outputs):
     known to be writable without replacing anything; returns the model and the outputs' paths."""
     paths = [args.out / name for name in outputs]
     claim_outputs(paths, args.overwrite)
-    model = load_model(None, args.model, pick_device(args.device))
-    return model, paths
+    return load_model(None, args.model, pick_device(args.device)), paths
 
 
 def run_distill(args):
@@ -2264,6 +2268,11 @@ def build_parser(wanted=None, resumed=None, error=None):
                     help="photos in the synthetic set drawn when there is no data")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
     tr.add_argument("--guide", type=existing_file, metavar="MODEL.pth", help="a shorter run's model: autoguidance")
+    # A quarter for the guide: at 12 minutes, 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
+    # unguided, and a 12-minute model's 3-minute guide beat its 6-minute one; `--minutes 12` with its guide built in
+    # scored 18.8 and 19.1, two seeds (RESULTS.md, Autoguidance).
+    tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without "
+                    "--guide, the share of --minutes (else --epochs) that first trains a guide, in OUT/guide (0: none)")
     di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,
                  checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
@@ -2340,7 +2349,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.run_settings, args.run_outputs, args.run_config = None, {}, {}
     if args.command in ("train", "distill") and args.resume is not None:
-        resume = Path(args.resume or args.out / "checkpoint.pt")
+        # by default the run's checkpoint, else its guide's (a run stopped while it trained its guide)
+        resume = Path(args.resume or max((args.out / "checkpoint.pt", args.out / "guide" / "checkpoint.pt"), key=Path.is_file))
         if not resume.is_file():
             parser.error(f"argument --resume: no such file: {resume}")
         ckpt = read_checkpoint(resume, want="training")
@@ -2358,7 +2368,8 @@ def parse_args(argv):
         saved = {k: str(folder / v) if k in ("data", "name", "model", "guide") and isinstance(v, str) else v
                  for k, v in saved.items()}
         defaults = vars(checker.parse_args([args.command, *saved_argv(checker, args.command, saved)]))
-        args = build_parser(args.command, (args.command, {**defaults, "out": resume.parent})).parse_args(argv)
+        out = resume.parents[1 if saved.get("guide_of_run") else 0]  # a guide's run sits in its run's folder
+        args = build_parser(args.command, (args.command, {**defaults, "out": out})).parse_args(argv)
         args.resume, args.run_settings = resume, saved
         recipe = ckpt["train_config"] if isinstance(ckpt.get("train_config"), dict) else {}
         args.run_config = {k: v for k, v in recipe.items() if k in RUN_SETTINGS and type(v) is type(getattr(TrainConfig, k))}

@@ -104,6 +104,27 @@ def test_train_keeps_its_guide_in_the_model_file_and_refuses_one_for_other_faces
     assert not (tmp_path / "M2.pth").exists()
 
 
+def test_a_run_trains_its_guide_first_on_its_guide_share_as_the_two_commands_would(photos, tmp_path):
+    """`--epochs 4` (--guide-share 0.25): a 1-epoch guide in OUT/guide, then 3 epochs guided by it, the
+    very weights of `--epochs 1 --guide-share 0` followed by `--epochs 3 --guide` that guide."""
+    def train(name, *extra):
+        cd.main(["train", "--data", str(photos), "--image-size", "16", "--batch-size", "8", "--width", "8",
+                 "--precision", "fp32", "--out", str(tmp_path / name), "--name", str(tmp_path / name / "M"), *extra])
+
+    train("split", "--epochs", "4")
+    train("guide", "--epochs", "1", "--guide-share", "0")
+    train("guided", "--epochs", "3", "--guide", str(tmp_path / "guide" / "M.pth"))
+    steps = 36 // 8  # an epoch of the 36 training faces
+    assert cd.read_checkpoint(tmp_path / "split" / "guide" / "checkpoint.pt", "training")["step"] == steps
+    assert cd.read_checkpoint(tmp_path / "split" / "checkpoint.pt", "training")["step"] == 3 * steps
+    split, guided = cd.load_model(None, tmp_path / "split" / "M"), cd.load_model(None, tmp_path / "guided" / "M")
+    assert_same_weights(split.guide, cd.load_model(None, tmp_path / "guide" / "M"))
+    assert_same_weights(split.guide, cd.load_model(None, tmp_path / "split" / "guide" / "Guide"))
+    assert_same_weights(split, guided)  # the guide's weights included
+    assert_png(tmp_path / "split" / "guide" / "samples.png")
+    assert cd.load_model(None, tmp_path / "guide" / "M").guide is None, "--guide-share 0: no guide"
+
+
 def test_sample_command_writes_a_grid_and_single_images(tmp_path):
     path = cd.save_model(distinct_model(), tmp_path / "M")
     out = tmp_path / "samples"

@@ -57,9 +57,10 @@ def test_a_timed_run_under_torchrun_plans_one_length_for_every_process(photos, t
     run = torchrun(tmp_path, "train", "--data", str(photos), *args, "--minutes", "0.1", "--out", str(out),
                    "--name", str(out / "M"))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stderr.count("steps planned") == 1, "rank 0 alone reports the plan"
-    ckpt = cd.read_checkpoint(out / "checkpoint.pt", "training")
-    assert ckpt["step"] == ckpt["total"] == len(ckpt["history"]["loss"]) > 0
+    assert run.stderr.count("steps planned") == 2, "rank 0 alone reports each plan: the guide's, then the model's"
+    for ckpt in (cd.read_checkpoint(out / name, "training") for name in ("guide/checkpoint.pt", "checkpoint.pt")):
+        assert ckpt["step"] == ckpt["total"] == len(ckpt["history"]["loss"]) > 0
+    assert cd.load_model(None, out / "M").guide is not None
 
 
 FAILING_LAUNCHER = """

@@ -17,10 +17,10 @@ import torch
 
 import cat_diffusion as cd
 import cat_eval as ce
-from helpers import ROOT, png_header, script_env
+from helpers import ROOT, assert_same_weights, png_header, script_env
 
 TINY = ["--epochs", "4", "--image-size", "16", "--width", "8", "--batch-size", "4",
-        "--checkpoint-every", "1", "--precision", "fp32", "--seed", "3"]
+        "--checkpoint-every", "1", "--precision", "fp32", "--seed", "3", "--guide-share", "0"]
 
 
 # The real script, with fsync slowed down so that a kill can land inside a checkpoint write.
@@ -104,6 +104,25 @@ def test_sigkill_at_any_moment_never_loses_the_run(tmp_path):
     a, b = cd.load_model(None, out / "Model"), cd.load_model(None, reference / "Model")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_a_run_killed_in_its_guide_or_after_it_resumes_with_plain_resume_into_the_same_model(tmp_path):
+    data = cd.write_synthetic_dataset(tmp_path / "data", count=24, seed=0)
+    cache, split = tmp_path / "cache", ["--guide-share", "0.25"]  # 4 epochs: its guide 1 (5 steps), then 3
+    run_training(data, tmp_path / "reference", cache, *split)
+    out = tmp_path / "killed"
+    for ckpt, step in ((out / "guide" / "checkpoint.pt", 2), (out / "checkpoint.pt", 4)):
+        def ready():
+            try:
+                return torch.load(ckpt, weights_only=True)["step"] >= step
+            except Exception:  # noqa: BLE001 - not there yet, or being replaced; poll again
+                return False
+        kill_when(run_training(data, out, cache, *split, *(["--resume"] if step == 4 else []), wait=False), ready)
+    assert 4 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 15, "killed in the model's own steps"
+    run_training(data, out, cache, *split, "--resume")  # the command line of the run, as a user retypes it
+    for name in ("Model", "guide/Guide"):
+        assert_same_weights(cd.load_model(None, out / name).state_dict(),
+                            cd.load_model(None, tmp_path / "reference" / name).state_dict(), atol=1e-6)
 
 
 def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
