@@ -2270,8 +2270,8 @@ def build_parser(wanted=None, resumed=None, error=None):
     tr.add_argument("--guide", type=existing_file, metavar="MODEL.pth", help="a shorter run's model: autoguidance")
     # A quarter for the guide: at 12 minutes, 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
     # unguided, and a 12-minute model's 3-minute guide beat its 6-minute one; `--minutes 12` with its guide built in
-    # scored 18.8 and 19.1, two seeds; at 60 minutes it scored 20.9 against 19.9 unguided, one seed (RESULTS.md,
-    # Autoguidance, "In `train` itself").
+    # scored 18.8 and 19.1, two seeds; at 60 minutes a share of 0.15 scored 20.4 against 0.25's 19.1 (`eval -n
+    # 1000`, one seed each; RESULTS.md, Autoguidance, "In `train` itself" and "A long run's guide").
     tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without "
                     "--guide, the share of --minutes (else --epochs) that first trains a guide, in OUT/guide (0: none)")
     di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,

@@ -1,6 +1,7 @@
 """The quality metrics (SWD of Laplacian-pyramid patches, memorisation) and the eval / bench commands."""
 import json
 
+import pytest
 import torch
 
 import cat_diffusion as cd
@@ -39,6 +40,30 @@ def test_nearest_distance_is_zero_for_copies_and_memorisation_shows():
     train = smooth_images(20, seed=3)
     assert ce.nearest_distance(train[:5], train) < 1e-4
     assert ce.nearest_distance(smooth_images(5, seed=4), train) > 0.1
+
+
+def test_windows_tile_the_items_with_sets_of_m_evenly_spaced():
+    assert [w.tolist() for w in ce.windows(torch.arange(8), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [w[0].item() for w in ce.windows(torch.arange(10), 4)] == [0, 3, 6]  # the last ends at 9
+    assert [w.tolist() for w in ce.windows(torch.arange(4), 4)] == [[0, 1, 2, 3]]
+
+
+def test_sample_quality_averages_the_swd_of_every_set_of_m_samples_and_of_as_many_real_faces():
+    """Ten validation faces and 25 samples: the SWD is the mean over the samples' three sets of 10
+    (0-9, 8-17, 15-24), the floor over three such sets of 25 shuffled training faces."""
+    to_uint8 = lambda x: ((x + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    samples = smooth_images(25, seed=5)
+    val, train = to_uint8(smooth_images(10, seed=6)), to_uint8(smooth_images(40, seed=7))
+    r = ce.sample_quality(samples, train, val, seed=3)
+    real = ce.to_model_range(val)
+    per_set = [ce.swd(samples[i:i + 10], real, 3) for i in (0, 8, 15)]
+    assert r["swd"] == pytest.approx([sum(v) / 3 for v in zip(*per_set)], rel=1e-6)
+    assert r["swd_sets"] == pytest.approx([sum(v) / len(v) for v in per_set], rel=1e-6)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:25]
+    floor = [ce.swd(ce.to_model_range(train[order][i:i + 10]), real, 3) for i in (0, 8, 15)]
+    assert r["floor"] == pytest.approx([sum(v) / 3 for v in zip(*floor)], rel=1e-6)
+    one = ce.sample_quality(samples[:10], train, val, seed=3)  # as many samples as faces: one set, as before
+    assert one["swd"] == pytest.approx(per_set[0], rel=1e-6) and len(one["swd_sets"]) == 1
 
 
 def test_eval_command_prints_and_writes_finite_metrics(tmp_path, capsys):
