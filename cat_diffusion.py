@@ -405,8 +405,7 @@ def cached_faces(cache, key, size):
         return None
     data = data if isinstance(data, dict) and data.get("key") == key else {}  # another key's: not well-formed
     faces, marks, names, bad = (data.get(k) for k in ("faces", "landmarks", "names", "bad"))
-    well_formed = (
-        isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(bad, list)
+    well_formed = (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(bad, list)
         and all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b) for b in bad)
         and isinstance(faces, torch.Tensor) and faces.dtype == torch.uint8 and faces.shape == (len(names), 3, size, size)
         and isinstance(marks, torch.Tensor) and marks.dtype == torch.float32 and marks.shape == (len(names), K, 2)
@@ -2007,6 +2006,9 @@ def config_of(args, recipe=None):
     return TrainConfig(**{**(recipe or {}), **getattr(args, "run_config", {}), **given})
 
 
+GUIDE_MAX_MINUTES = 10  # a guide helps most well short of its model: 10 minutes beat 15 for two 60-minute models
+
+
 def train_guide(args, budget, path):
     """Autoguidance's guide for a new run without `--guide` (or one resumed in its guide): a run of the
     same settings for `budget` ({"minutes" or "epochs": its part}), trained first into `path` in
@@ -2022,7 +2024,7 @@ def run_train(args, settings=None):
     model_file, outputs = model_path(args.name), [args.out / f for f in TRAIN_OUTPUTS]
     claim_outputs(outputs + [model_file], args.overwrite, args.run_outputs, hint=RESUME_HINT)
     own, key = args.out / "guide" / "Guide.pth", "minutes" if args.minutes else "epochs"  # the budget the guide shares
-    part = args.minutes * args.guide_share if args.minutes else int(args.epochs * args.guide_share)
+    part = min(args.minutes * args.guide_share, GUIDE_MAX_MINUTES) if args.minutes else int(args.epochs * args.guide_share)
     if part and not args.guide and (args.resume is None or args.run_settings.get("guide_of_run")):
         args.guide, args.resume, args.run_outputs = train_guide(args, {key: part}, own), None, {}
     rest = {key: getattr(args, key) - part} if part and args.guide and Path(args.guide).resolve() == own.resolve() else {}
@@ -2270,10 +2272,9 @@ def build_parser(wanted=None, resumed=None, error=None):
     tr.add_argument("--guide", type=existing_file, metavar="MODEL.pth", help="a shorter run's model: autoguidance")
     # A quarter for the guide: at 12 minutes, 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
     # unguided, and a 12-minute model's 3-minute guide beat its 6-minute one; `--minutes 12` with its guide built in
-    # scored 18.8 and 19.1, two seeds; at 60 minutes a share of 0.15 scored 20.4 against 0.25's 19.1 (`eval -n
-    # 1000`, one seed each; RESULTS.md, Autoguidance, "In `train` itself" and "A long run's guide").
+    # scored 18.8 and 19.1, two seeds (RESULTS.md, Autoguidance, "In `train` itself"; longer runs: GUIDE_MAX_MINUTES).
     tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without "
-                    "--guide, the share of --minutes (else --epochs) that first trains a guide, in OUT/guide (0: none)")
+                    f"--guide, the share of --minutes (at most {GUIDE_MAX_MINUTES}) or --epochs that first trains a guide")
     di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,
                  checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")

@@ -125,6 +125,17 @@ def test_a_run_trains_its_guide_first_on_its_guide_share_as_the_two_commands_wou
     assert cd.load_model(None, tmp_path / "guide" / "M").guide is None, "--guide-share 0: no guide"
 
 
+def test_a_timed_runs_guide_takes_its_share_of_the_minutes_up_to_guide_max_minutes(photos, tmp_path, monkeypatch):
+    """`--minutes 0.1 --guide-share 0.5` with the cap at 0.02 minutes: the guide trains 0.02, the model the rest."""
+    monkeypatch.setattr(cd, "GUIDE_MAX_MINUTES", 0.02)
+    cd.main(["train", "--data", str(photos), "--image-size", "16", "--batch-size", "8", "--width", "8", "--precision",
+             "fp32", "--minutes", "0.1", "--guide-share", "0.5", "--out", str(tmp_path), "--name", str(tmp_path / "M")])
+    minutes = [cd.read_checkpoint(path, "training")["train_config"]["minutes"]
+               for path in (tmp_path / "guide" / "checkpoint.pt", tmp_path / "checkpoint.pt")]
+    assert minutes == [0.02, pytest.approx(0.08)]
+    assert cd.load_model(None, tmp_path / "M").guide is not None
+
+
 def test_sample_command_writes_a_grid_and_single_images(tmp_path):
     path = cd.save_model(distinct_model(), tmp_path / "M")
     out = tmp_path / "samples"
