@@ -2273,8 +2273,8 @@ def build_parser(wanted=None, resumed=None, error=None):
     # A quarter for the guide: at 12 minutes, 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
     # unguided, and a 12-minute model's 3-minute guide beat its 6-minute one; `--minutes 12` with its guide built in
     # scored 18.8 and 19.1, two seeds (RESULTS.md, Autoguidance, "In `train` itself"; longer runs: GUIDE_MAX_MINUTES).
-    tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without "
-                    f"--guide, the share of --minutes (at most {GUIDE_MAX_MINUTES}) or --epochs that first trains a guide")
+    tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without --guide,"
+                    f" the share of --minutes (<= {GUIDE_MAX_MINUTES}) or --epochs to train a guide in OUT/guide (0: none)")
     di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,
                  checkpoints)
     di.add_argument("--data", type=existing_dir, default=Path("data"), help="the faces the teacher was trained on")
