@@ -965,10 +965,8 @@ def make_optimizer(model, cfg):
 def warmup_cosine(step, warmup, total):
     """Learning-rate factor: linear warm-up, then cosine decay to 10% at step `total` (None: a
     timed run whose length is not planned yet holds the peak)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if total is None:
-        return 1.0
+    if step < warmup or total is None:
+        return min(1.0, (step + 1) / max(1, warmup))  # the warm-up, then the peak
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
