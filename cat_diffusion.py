@@ -1791,7 +1791,7 @@ def load_model(model, name, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 DISTILL_SUBSTEPS = 4  # a trained teacher's DPM-Solver++ steps per student step, spread over the ODE (see `teacher_grid`)
-STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]  # up to here a trained teacher's last 4 substeps stay distinct
+STUDENT_MAX = DiffusionModel.LIMITS["student_steps"][1]
 
 
 def teacher_grid(teacher, steps):
@@ -1801,11 +1801,11 @@ def teacher_grid(teacher, steps):
     end. A distilled teacher of r `steps` steps takes its own grid's r steps, the only times it knows
     (r = 2 is progressive distillation, Salimans & Ho 2022). A trained teacher takes DPM-Solver++ steps
     evenly spaced in log-SNR (from lambda = -6, as `time_grid`'s), DISTILL_SUBSTEPS x `steps` over the
-    whole ODE (at least 16), at least one a row, but the last row's DISTILL_SUBSTEPS are coarser. For
-    4 steps (7, 1, 1, 4) this solve scored SWD 30.4 against the teacher's 32.3 in 20 steps; 4 in each
-    row 33.5 (its low-pass level 57.5 against 46.7), 7 in the last 32.7 (its 64 px level 32.9 against
-    26.0); its students of two teachers 34.7 and 38.6 against 38.2 and 40.5. For 2 steps (9, 4): 31.1,
-    against 37.3 in 4 + 4 (RESULTS.md, Distillation)."""
+    whole ODE (at least 16), at least 2 a row: for 4 steps 7, 2, 2, 6, whose solve scored SWD 20.6
+    against the teacher's 18.2 in 20 steps, and 7, 1, 1 with 4 coarser in the last row (before) 29.9;
+    their 12-minute students 21.2 against 26.2. A 1- or 2-step student's last row keeps DISTILL_SUBSTEPS
+    coarse ones: with finer targets its 6-minute students lost (2 steps, 9 + 7: 42.0 against 36.2; 1
+    step, 14: 87.9, where 4 had scored 69.0), learning them in fewer steps (RESULTS.md, Distillation)."""
     native = teacher.config.get("student_steps", 0)
     grid = time_grid("student", steps).tolist() + [-1]  # -1: the clean image
     if native:
@@ -1814,8 +1814,10 @@ def teacher_grid(teacher, steps):
     else:
         lam = half_log_snr(ALPHA_BAR).clamp(min=-6)
         h = (lam[0] - lam[-1]) / (DISTILL_SUBSTEPS * max(steps, 4))  # the log-SNR step
-        rows = [torch.unique_consecutive(log_snr_grid(a, b, 1 + max(1, round(float((lam[b] - lam[a]) / h))))).tolist()
-                for a, b in zip(grid, grid[1:-1])] + [log_snr_grid(grid[-2], 0, DISTILL_SUBSTEPS).tolist() + [-1]]
+        rows = []
+        for a, b in zip(grid, grid[1:]):  # b = -1: the last row, n steps from a to the clean image
+            n = max(2, round(float((lam[max(b, 0)] - lam[a]) / h))) if b >= 0 or steps > 2 else DISTILL_SUBSTEPS
+            rows.append(torch.unique_consecutive(log_snr_grid(a, max(b, 0), n + (b >= 0))).tolist() + [-1] * (b < 0))
     ts = torch.tensor([row + row[-1:] * (max(map(len, rows)) - len(row)) for row in rows])
     return ts, torch.cat([ALPHA_BAR, torch.ones(1)])[ts]
 
