@@ -1,7 +1,8 @@
 """Distillation: one student step on its target lands where the teacher's steps land (a distilled
 teacher's own grid steps, a trained teacher's DPM-Solver++ substeps, evenly spaced in log-SNR), the
-distill command writes a student that samples in its own steps by default, a killed distillation
-resumes exactly, and a teacher of the wrong kind is refused in one line."""
+distill command writes a student that samples in its own steps by default, each of the teacher's
+targets teaches `reuse` steps, a killed distillation resumes exactly (the kept targets too), and a
+teacher of the wrong kind is refused in one line."""
 import pytest
 import torch
 
@@ -118,8 +119,28 @@ def test_a_student_takes_steps_its_teacher_can_teach():
         cd.check_student_steps(student, steps)
     for model, steps, message in ((trained, cd.STUDENT_MAX + 1, "1 to 32 steps"),
                                   (student, 3, "distils into 1, 2, 4 steps, not 3"), (student, 8, "not 8")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(cd.CheckpointError, match=message):
             cd.check_student_steps(model, steps)
+
+
+def test_each_target_teaches_reuse_steps_and_a_checkpoints_check_keeps_them(monkeypatch):
+    """The teacher solves for every `reuse`-th image of a batch, and a training call's loss is the mean
+    over its targets and those of the `reuse` - 1 calls before; a call in eval mode (a checkpoint's
+    check of the weights) changes none of them."""
+    teacher, student, g = live_model(), live_model(seed=1).train(), torch.Generator().manual_seed(3)
+    batches = [(x0, *cd.draw_noise(x0, g)) for x0 in torch.rand(4, 6, 3, 16, 16, generator=g) * 2 - 1]
+    solved, real = [], cd.teacher_target
+    monkeypatch.setattr(cd, "teacher_target", lambda model, z, *rest: solved.append(len(z)) or real(model, z, *rest))
+    alone = cd.distillation_loss(teacher, 2, None, 1.0, reuse=1)
+    own = [alone(student, x0[::3], t[::3], eps[::3], cd.ALPHA_BAR) for x0, t, eps in batches]
+    objective = cd.distillation_loss(teacher, 2, None, 1.0, reuse=3)
+    losses = [objective(student, *batch, cd.ALPHA_BAR) for batch in batches]
+    checked = objective(student.eval(), *batches[3], cd.ALPHA_BAR)
+    again = objective(student.train(), *batches[3], cd.ALPHA_BAR)
+    assert solved == [2] * 10
+    checks = sum(own[2:] + own[3:]) / 3  # the 4th batch's targets twice (its call, then the check's), the 3rd's
+    expected = [own[0], (own[0] + own[1]) / 2, sum(own[:3]) / 3, sum(own[1:]) / 3, checks, checks]
+    torch.testing.assert_close(torch.stack([*losses, checked, again]), torch.stack(expected))
 
 
 def distill_config(**changes):
