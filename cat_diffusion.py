@@ -1855,10 +1855,11 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2):
     those of the `reuse` - 1 training calls before (`loss.targets`, which checkpoints keep), so each
     teaches `reuse` steps at a fraction of the teacher's cost: at 2, 6-minute 4-step students took
     272-279 steps instead of 189-195 and scored SWD 24.1, 24.0 and 23.3 (seeds 0-2) against 24.4 and
-    26.0 (seeds 0, 1); at 4 (341-365 steps) 23.3, 24.1 and 23.3, level. The student's last step (t 250
-    to the clean image) loses most: the teacher's solve in its place took a student from 24.5 to 19.8,
-    in another step's to 23.0; yet drawing the last step for half the images lost (26.5, two seeds):
-    the student wants steps, not more of one (RESULTS.md, Distillation, "Each target for two steps")."""
+    26.0 (seeds 0, 1); at 4 (341-365 steps) 23.3, 24.1 and 23.3, level, but at 12 minutes 22.3
+    against 21.4 (1.10x the teacher). The student's last step (t 250 to the clean image) loses most:
+    the teacher's solve in its place took a student from 24.5 to 19.8, in another step's to 23.0; yet
+    drawing the last step for half the images lost (26.5, two seeds): the student wants steps, not
+    more of one (RESULTS.md, Distillation, "Each target for two steps")."""
     grid = time_grid("student", steps)
 
     def loss(model, x0, t, eps, alpha_bar, landmarks=None):
