@@ -1847,7 +1847,7 @@ def teacher_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANC
     return (ab.sqrt() * z - x_tilde) / (1 - ab).sqrt()  # x = sqrt(ab) z - sqrt(1 - ab) v
 
 
-def distillation_loss(teacher, steps, dtype, guidance, reuse=2):
+def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16):
     """The student's loss (`diffusion_loss`'s signature): v-MSE against `teacher_target` at the
     student's step k = t steps / T, so the uniform t of `draw_noise` picks its steps uniformly.
     `guidance`: the teacher's (see `guidance_of`: a student teacher has it built in already).
@@ -1855,11 +1855,13 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2):
     those of the `reuse` - 1 training calls before (`loss.targets`, which checkpoints keep), so each
     teaches `reuse` steps at a fraction of the teacher's cost: at 2, 6-minute 4-step students took
     272-279 steps instead of 189-195 and scored SWD 24.1, 24.0 and 23.3 (seeds 0-2) against 24.4 and
-    26.0 (seeds 0, 1); at 4 (341-365 steps) 23.3, 24.1 and 23.3, level, but at 12 minutes 22.3
-    against 21.4 (1.10x the teacher). The student's last step (t 250 to the clean image) loses most:
-    the teacher's solve in its place took a student from 24.5 to 19.8, in another step's to 23.0; yet
-    drawing the last step for half the images lost (26.5, two seeds): the student wants steps, not
-    more of one (RESULTS.md, Distillation, "Each target for two steps")."""
+    26.0 (seeds 0, 1); at 4, level at 6 minutes, lost at 12 (22.3 against 21.4).
+    The loss adds `detail` times the squared error's detail, what a half-size copy of the error loses:
+    a target is one image, so a student that matches it minimises either loss, and the weight only
+    changes which errors go first; the students trailed their targets most in 64 px detail (SWD 31.9
+    at that level against 11.8), most of it their last step's. At 16 the 6-minute students scored
+    23.1, 22.0 and 22.1 against those 24.1, 24.0 and 23.3 (at 64: 22.8, 22.1; 4: 24.8; 256: 24.4;
+    RESULTS.md, Distillation, "The detail weighted")."""
     grid = time_grid("student", steps)
 
     def loss(model, x0, t, eps, alpha_bar, landmarks=None):
@@ -1872,7 +1874,9 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2):
         kept = [part for part in kept if part[0].shape[1:] == z.shape[1:]]  # none from a half-size start
         loss.targets = kept[:reuse - 1] if model.training else kept[1:]  # a checkpoint's check leaves them
         z, t_k, landmarks, target = (v[0] if v[0] is None else torch.cat(v) for v in zip(*kept[:reuse]))
-        return F.mse_loss(model(z, t_k, landmarks).float(), target)
+        err = model(z, t_k, landmarks).float() - target
+        fine = err - F.interpolate(F.avg_pool2d(err, 2), scale_factor=2)  # the detail a half-size copy loses
+        return err.square().mean() + detail * fine.square().mean()
 
     return loss
 
@@ -1895,8 +1899,7 @@ def check_student_steps(teacher, steps, path="the teacher"):
         raise CheckpointError(f"{path}: a student takes 1 to {STUDENT_MAX} steps, not {steps}")
 
 
-def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, preview=None,
-            objective=distillation_loss):
+def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, preview=None, objective=distillation_loss):
     """Distil `teacher` into a student that samples in `steps` steps: the student starts from the
     teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
     teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
@@ -1907,12 +1910,11 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, prev
     `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s; `objective`: a loss maker with
     `distillation_loss`'s signature. Returns the (EMA) student and its training history."""
     check_student_steps(teacher, steps)
-    dtype = autocast_dtype(model_device(teacher), cfg.precision)
     student = DiffusionModel(**{**teacher.config, "student_steps": steps})
     student.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith("guide.")})
     teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    return train(student, data, cfg, out_dir, resume=resume, settings=settings, preview=preview,
-                 objective=objective(teacher, steps, dtype, guidance_of(teacher)))
+    loss = objective(teacher, steps, autocast_dtype(model_device(teacher), cfg.precision), guidance_of(teacher))
+    return train(student, data, cfg, out_dir, resume=resume, settings=settings, preview=preview, objective=loss)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,6 +143,25 @@ def test_each_target_teaches_reuse_steps_and_a_checkpoints_check_keeps_them(monk
     torch.testing.assert_close(torch.stack([*losses, checked, again]), torch.stack(expected))
 
 
+@pytest.mark.parametrize("pattern, cost", [("flat", 1), ("checkerboard", 1 + 16)])
+def test_the_students_loss_weights_the_detail_a_half_size_copy_loses(monkeypatch, pattern, cost):
+    """An error that survives halving the image (flat) costs its square; one that halving removes
+    (a checkerboard) costs 1 + `detail` times as much."""
+    monkeypatch.setattr(cd, "teacher_target", lambda model, z, *rest: torch.zeros_like(z))
+    error = torch.full((3, 8, 8), 0.5)
+    if pattern == "checkerboard":
+        error[:, ::2, 1::2] = error[:, 1::2, ::2] = -0.5
+
+    class Erring(torch.nn.Module):
+        def forward(self, z, t, landmarks=None):
+            return error.expand_as(z)
+
+    x0 = torch.zeros(4, 3, 8, 8)
+    t, eps = cd.draw_noise(x0, torch.Generator().manual_seed(0))
+    loss = cd.distillation_loss(live_model(), 2, None, 1.0, reuse=1, detail=16)(Erring(), x0, t, eps, cd.ALPHA_BAR)
+    assert loss.item() == pytest.approx(0.25 * cost)
+
+
 def distill_config(**changes):
     return cd.TrainConfig(**{**dict(epochs=2, batch_size=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, seed=0,
                                     device="cpu", precision="fp32", checkpoint_every=3), **changes})
