@@ -1,8 +1,9 @@
 """Distillation: one student step on its target lands where the teacher's steps land (a distilled
 teacher's own grid steps, a trained teacher's DPM-Solver++ substeps, evenly spaced in log-SNR), the
 distill command writes a student that samples in its own steps by default, each of the teacher's
-targets teaches `reuse` steps, a killed distillation resumes exactly (the kept targets too), and a
-teacher of the wrong kind is refused in one line."""
+targets teaches `reuse` steps, the loss weights the detail a half-size copy loses, a killed
+distillation resumes exactly (the kept targets too), and a teacher of the wrong kind is refused in
+one line."""
 import pytest
 import torch
 
