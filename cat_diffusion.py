@@ -1847,7 +1847,7 @@ def teacher_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANC
     return (ab.sqrt() * z - x_tilde) / (1 - ab).sqrt()  # x = sqrt(ab) z - sqrt(1 - ab) v
 
 
-def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16):
+def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detail_1_step=64):
     """The student's loss (`diffusion_loss`'s signature): v-MSE against `teacher_target` at the
     student's step k = t steps / T, so the uniform t of `draw_noise` picks its steps uniformly.
     `guidance`: the teacher's (see `guidance_of`: a student teacher has it built in already).
@@ -1861,7 +1861,9 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16):
     changes which errors go first; the students trailed their targets most in 64 px detail (SWD 31.9
     at that level against 11.8), most of it their last step's. At 16 the 6-minute students scored
     23.1, 22.0 and 22.1 against those 24.1, 24.0 and 23.3 (at 64: 22.8, 22.1; 4: 24.8; 256: 24.4;
-    RESULTS.md, Distillation, "The detail weighted")."""
+    RESULTS.md, Distillation, "The detail weighted"). One step, a blur, wants more: 1-step students
+    of a 4-step one scored 29.8 and 31.1 (two seeds) at 64 against 31.2 and 32.0 at 16 (256: 29.7);
+    2-step ones 25.6 at 64 against 25.8 at 16 ("The student's EMA shortened")."""
     grid = time_grid("student", steps)
 
     def loss(model, x0, t, eps, alpha_bar, landmarks=None):
@@ -1876,15 +1878,17 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16):
         z, t_k, landmarks, target = (v[0] if v[0] is None else torch.cat(v) for v in zip(*kept[:reuse]))
         err = model(z, t_k, landmarks).float() - target
         fine = err - F.interpolate(F.avg_pool2d(err, 2), scale_factor=2)  # the detail a half-size copy loses
-        return err.square().mean() + detail * fine.square().mean()
+        return err.square().mean() + (detail_1_step if steps == 1 else detail) * fine.square().mean()
 
     return loss
 
 
 # distill's recipe, TrainConfig's otherwise: the settings its students were measured with (RESULTS.md). Muon at lr 2e-3:
 # the 6-minute students of a guided 12-minute teacher scored SWD 25.7 and 26.2 (two seeds) against 29.1 and 29.2 with
-# AdamW alone at 1e-3, whose 64 px detail it learns faster (Muon at 1e-3: 26.4 and 27.7).
-DISTILL = dict(epochs=4, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.99, betas=(0.9, 0.999), muon=True,
+# AdamW alone at 1e-3, whose 64 px detail it learns faster (Muon at 1e-3: 26.4 and 27.7). Its EMA is short, about the
+# last 20 steps: at 0.95 6-minute students scored 22.8, 20.6 and 21.2 (three seeds), 12-minute ones 18.4 and 18.6, against
+# 23.1, 22.0, 22.1 and 19.0, 18.8 at 0.99 (0.9: 23.8 and 22.2; RESULTS.md, Distillation, "The student's EMA shortened").
+DISTILL = dict(epochs=4, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.95, betas=(0.9, 0.999), muon=True,
                low_res_share=0.0)
 
 

@@ -144,10 +144,11 @@ def test_each_target_teaches_reuse_steps_and_a_checkpoints_check_keeps_them(monk
     torch.testing.assert_close(torch.stack([*losses, checked, again]), torch.stack(expected))
 
 
-@pytest.mark.parametrize("pattern, cost", [("flat", 1), ("checkerboard", 1 + 16)])
-def test_the_students_loss_weights_the_detail_a_half_size_copy_loses(monkeypatch, pattern, cost):
+@pytest.mark.parametrize("steps, pattern, cost", [(2, "flat", 1), (2, "checkerboard", 1 + 16), (1, "flat", 1),
+                                                  (1, "checkerboard", 1 + 64)])
+def test_the_students_loss_weights_the_detail_a_half_size_copy_loses(monkeypatch, steps, pattern, cost):
     """An error that survives halving the image (flat) costs its square; one that halving removes
-    (a checkerboard) costs 1 + `detail` times as much."""
+    (a checkerboard) costs 1 + `detail` times as much, for a 1-step student `detail_1_step` times."""
     monkeypatch.setattr(cd, "teacher_target", lambda model, z, *rest: torch.zeros_like(z))
     error = torch.full((3, 8, 8), 0.5)
     if pattern == "checkerboard":
@@ -159,7 +160,8 @@ def test_the_students_loss_weights_the_detail_a_half_size_copy_loses(monkeypatch
 
     x0 = torch.zeros(4, 3, 8, 8)
     t, eps = cd.draw_noise(x0, torch.Generator().manual_seed(0))
-    loss = cd.distillation_loss(live_model(), 2, None, 1.0, reuse=1, detail=16)(Erring(), x0, t, eps, cd.ALPHA_BAR)
+    objective = cd.distillation_loss(live_model(), steps, None, 1.0, reuse=1, detail=16, detail_1_step=64)
+    loss = objective(Erring(), x0, t, eps, cd.ALPHA_BAR)
     assert loss.item() == pytest.approx(0.25 * cost)
 
 
