@@ -1867,9 +1867,9 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     2-step ones 25.6 at 64 against 25.8 at 16 ("The student's EMA shortened").
     A 2-step student's first step comes near its target and its last does not (the teacher's solve in
     place of its first step scored SWD 21.1, of its last 19.6, of neither 22.3), so its last step
-    takes 3/4 of the images: 12-minute students scored 21.4 and 21.2 (two seeds) against 22.3 and
-    22.1, at the 64 px level, in 16% more steps, its targets being cheaper (RESULTS.md, Distillation,
-    "The last of two steps")."""
+    takes 3/4 of the images: 12-minute students scored 21.4, 21.2 and 21.1 (three seeds) against 22.3
+    and 22.1, at the 64 px level, in 16% more steps, its targets being cheaper; 2/3 came level (20.8,
+    21.2, 21.0), 7/8 lost (22.5) (RESULTS.md, Distillation, "The last of two steps")."""
     grid = time_grid("student", steps)
 
     def loss(model, x0, t, eps, alpha_bar, landmarks=None):
@@ -1919,7 +1919,10 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, prev
     4-step student's 6 more (8 + 4: 24.8). A 1-step student learns best from the 4-step one: 6 + 6
     minutes gave SWD 57.7 and 57.4 (two seeds) against 61.1 and 61.6 from the 2-step one; straight
     from a trained teacher, 87.9 from its 14 finer substeps, 69.0 from its 4 coarse ones.
-    Consistency training (ECT) and distillation lost at the same 12 minutes: 91.7 and 88.3 against 57.2.
+    Consistency training (ECT) and distillation lost at the same 12 minutes: 91.7 and 88.3 against 57.2;
+    distribution matching (DMD, Yin et al. 2024) added to the 6 + 6 minutes' regression lost too:
+    31.0-37.3 against 29.8, in 29% fewer steps, at the 64 px level (RESULTS.md, Distillation,
+    "Distribution matching for one step").
     `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s; `objective`: a loss maker with
     `distillation_loss`'s signature. Returns the (EMA) student and its training history."""
     check_student_steps(teacher, steps)
