@@ -2,8 +2,13 @@
 teacher's own grid steps, a trained teacher's DPM-Solver++ substeps, evenly spaced in log-SNR), the
 distill command writes a student that samples in its own steps by default, each of the teacher's
 targets teaches `reuse` steps, a 2-step student's last step takes 3/4 of the images, the loss
-weights the detail a half-size copy loses, a killed distillation resumes exactly (the kept targets
-too), and a teacher of the wrong kind is refused in one line."""
+weights the detail a half-size copy loses, a critic learns to tell a 1-step student's images from
+real faces and adds its gradient (not its value) in proportion to the regression's, a killed
+distillation resumes exactly (the kept targets and the critic too), and a teacher of the wrong kind
+is refused in one line."""
+
+import functools
+
 import pytest
 import torch
 
@@ -177,6 +182,62 @@ def test_a_two_step_students_last_step_takes_three_quarters_of_the_images(monkey
     assert torch.bincount(drawn[0], minlength=steps).tolist() == [cd.T * share // 4 for share in shares]
 
 
+class Fixed(torch.nn.Module):
+    """A "student" whose prediction is one tensor, so its gradient is the loss's gradient in v."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = torch.nn.Parameter(v)
+
+    def forward(self, z, t, landmarks=None):
+        return self.v
+
+
+def one_step_batch(n=8, seed=0):
+    x0 = cd.to_model_range(TinyFaces(n).faces)
+    return x0, *cd.draw_noise(x0, torch.Generator().manual_seed(seed))
+
+
+def test_the_critic_learns_to_score_real_faces_above_a_students_images():
+    """Over training calls, the critic's own steps raise its scores of real faces above those of the
+    student's images (what its one step makes of the noise), which it scored alike at first."""
+    torch.manual_seed(0)
+    x0, t, eps = one_step_batch()
+    student = live_model(seed=1).train()
+    objective = cd.distillation_loss(live_model(), 1, None, 1.0, reuse=1, critic_warmup=1000)  # the critic alone
+    with torch.no_grad():
+        images = cd.predict_x0_eps(student(eps, torch.full((8,), cd.T - 1)), eps, cd.ALPHA_BAR[-1])[0]
+
+    def margin():
+        with torch.no_grad():
+            real, fake = (sum(s.mean() for s in objective.critic(objective.critic.features(x))) for x in (x0, images))
+        return (real - fake).item()
+
+    before = margin()
+    for _ in range(40):
+        objective(student, x0, t, eps, cd.ALPHA_BAR)
+    assert margin() > max(before, 0) + 1
+
+
+def test_the_critics_gradient_joins_the_regressions_in_proportion_and_leaves_the_loss_value():
+    """Once its warm-up is over, the critic's term adds `adversarial` times the regression's gradient
+    norm (VQGAN's adaptive weight) to the gradient, while the loss value stays the regression's."""
+    torch.manual_seed(0)
+    x0, t, eps = one_step_batch()
+    v = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.3
+    with_critic = cd.distillation_loss(live_model(), 1, None, 1.0, reuse=1, adversarial=0.2, critic_warmup=1)
+    regression = cd.distillation_loss(live_model(), 1, None, 1.0, reuse=1, adversarial=0.0)
+    grads, values = [], []
+    for objective in (with_critic, with_critic, regression):  # the first call: the critic's warm-up
+        student = Fixed(v.clone()).train()
+        values.append(objective(student, x0, t, eps, cd.ALPHA_BAR))
+        values[-1].backward()
+        grads.append(student.v.grad)
+    assert values[0].item() == values[1].item() == values[2].item()
+    torch.testing.assert_close(grads[0], grads[2])  # no term yet
+    assert (grads[1] - grads[2]).norm().item() == pytest.approx(0.2 * grads[2].norm().item(), rel=1e-4)
+
+
 def distill_config(**changes):
     return cd.TrainConfig(**{**dict(epochs=2, batch_size=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, seed=0,
                                     device="cpu", precision="fp32", checkpoint_every=3), **changes})
@@ -198,7 +259,13 @@ def test_distillation_lowers_the_students_loss(tmp_path):
 def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, monkeypatch, interrupt):
     data, cfg = TinyFaces(), distill_config()  # 2 epochs of 5 steps
     teacher = live_model()
-    whole, _ = cd.distill(teacher, data, 2, cfg, tmp_path / "a")
+    objective = functools.partial(cd.distillation_loss, critic_warmup=1)  # the critic from step 2
+
+    def distill(*args, **kwargs):  # the critic draws from torch's generator, which the command seeds
+        torch.manual_seed(0)
+        return cd.distill(*args, **kwargs, objective=objective)
+
+    whole, _ = distill(teacher, data, 1, cfg, tmp_path / "a")
     real, calls = cd.teacher_target, [0]
 
     def killed(*args, **kwargs):
@@ -210,8 +277,8 @@ def test_a_killed_distillation_resumes_to_the_uninterrupted_student(tmp_path, mo
     with monkeypatch.context() as mp:
         mp.setattr(cd, "teacher_target", killed)
         with pytest.raises(KeyboardInterrupt):
-            cd.distill(teacher, data, 2, cfg, tmp_path / "b")
-    resumed, _ = cd.distill(teacher, data, 2, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
+            distill(teacher, data, 1, cfg, tmp_path / "b")
+    resumed, _ = distill(teacher, data, 1, cfg, tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pt")
     assert_same_weights(resumed, whole)
 
 
