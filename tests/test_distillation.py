@@ -200,7 +200,7 @@ def one_step_batch(n=8, seed=0):
 
 def test_the_critic_learns_to_score_real_faces_above_a_students_images():
     """Over training calls, the critic's own steps raise its scores of real faces above those of the
-    student's images (what its one step makes of the noise), which it scored alike at first."""
+    student's images (what its one step makes of the noise), by more than it did at first."""
     torch.manual_seed(0)
     x0, t, eps = one_step_batch()
     student = live_model(seed=1).train()
