@@ -189,15 +189,13 @@ class BadItem(Exception):
 def parse_cat_file(path):
     """Read a .cat file: `N x1 y1 ... xN yN` (integers) -> float32 array (9, 2) of (x, y)."""
     try:
-        tokens = Path(path).read_text(errors="strict").split()
-    except (OSError, UnicodeDecodeError) as e:
+        numbers = [float(tok) for tok in Path(path).read_text(errors="strict").split()]
+    except (OSError, UnicodeDecodeError) as e:  # before ValueError, of which UnicodeDecodeError is one
         raise BadItem(f"unreadable .cat file ({type(e).__name__})") from None
-    if not tokens:
-        raise BadItem("empty .cat file")
-    try:
-        numbers = [float(tok) for tok in tokens]
     except ValueError:
         raise BadItem("non-numeric .cat contents") from None
+    if not numbers:
+        raise BadItem("empty .cat file")
     count, coords = numbers[0], numbers[1:]
     if not math.isfinite(count) or count != int(count) or len(coords) != 2 * count:
         raise BadItem(".cat point count does not match its numbers")
@@ -1058,9 +1056,9 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
     if type(step) is not int or step < 0 or not isinstance(saved, dict) or not isinstance(ckpt.get("model_config"), dict):
         raise CheckpointError(f"{path}: damaged training state (step {step!r})")
     timed = saved.get("minutes") is not None
+    length, other = ("minutes", "epochs") if timed else ("epochs", "minutes")  # what the run's length is counted in
     if timed != (cfg.minutes is not None) or timed and cfg.epochs != saved.get("epochs"):  # would do nothing
-        raise CheckpointError(f"{path}: a run of {'minutes' if timed else 'epochs'} is extended with a larger "
-                              f"{'--minutes' if timed else '--epochs'}, not with {'--epochs' if timed else '--minutes'}")
+        raise CheckpointError(f"{path}: a run of {length} is extended with a larger --{length}, not with --{other}")
     differ = [f"{k} {was!r} -> {now!r}" for k, was, now in [
         *((k, ckpt["model_config"].get(k), v) for k, v in model.config.items()),
         *((k, ckpt["train_config"].get(k), getattr(cfg, k)) for k in RUN_SETTINGS),
@@ -1068,11 +1066,10 @@ def check_resume(path, ckpt, model, cfg, fingerprint, total):
     if differ:
         raise CheckpointError(f"{path}: the checkpoint's run had other settings: {', '.join(differ)} "
                               f"(resume with the run's own, or start a new run)")
-    if total is not None and total < ckpt["step"]:
-        length = f"{cfg.minutes} minutes" if cfg.minutes else f"{cfg.epochs} epochs"
-        raise CheckpointError(f"{path}: the run has trained {ckpt['step']} steps already; {length} are only {total}")
-    changes = [f"learning rate {saved['lr']} -> {cfg.lr} from step {ckpt['step'] + 1}"] if cfg.lr != saved["lr"] else []
-    length = "epochs" if cfg.minutes is None else "minutes"
+    if total is not None and total < step:
+        raise CheckpointError(f"{path}: the run has trained {step} steps already; {getattr(cfg, length)} {length} "
+                              f"are only {total}")
+    changes = [f"learning rate {saved['lr']} -> {cfg.lr} from step {step + 1}"] if cfg.lr != saved["lr"] else []
     if getattr(cfg, length) != saved.get(length):
         changes.append(f"{length} {saved.get(length)} -> {getattr(cfg, length)}: the cosine decay is re-planned over "
                        f"{total or 'newly timed'} steps")
