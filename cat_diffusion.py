@@ -1849,6 +1849,9 @@ def teacher_target(teacher, z, k, steps, dtype, landmarks=None, guidance=GUIDANC
     return (ab.sqrt() * z - x_tilde) / (1 - ab).sqrt()  # x = sqrt(ab) z - sqrt(1 - ab) v
 
 
+CRITIC_NOISE = 200  # the critic's timesteps: low, where the detail the students miss is still visible
+
+
 class Critic(nn.Module):
     """A discriminator of a student's images from real faces (adversarial distillation, ADD, Sauer et
     al. 2023), on a frozen diffusion model's features, as LADD (Sauer et al. 2024): `net`'s encoder
@@ -1871,9 +1874,6 @@ class Critic(nn.Module):
     def forward(self, features):
         """Scores, one map per resolution: high for a real face, low for a student's image."""
         return [head(f.float()) for head, f in zip(self.heads, features)]
-
-
-CRITIC_NOISE = 200  # the critic's timesteps: low, where the detail the students miss is still visible
 
 
 def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detail_1_step=64, adversarial=0.2,
