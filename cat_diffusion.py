@@ -1906,9 +1906,11 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     0-2) against 29.6 and 31.1 (seeds 0, 1), at the 64 and 32 px levels, in a fifth fewer steps
     (scratch copies: w 0.1 26.4, 0.2 23.9, 0.3 26.7, 0.5 53.1, its colours gone; a warm-up of 20
     came level, 24.6; at 440 steps the critic's noise below 100 came level, 22.85 against 22.97, and
-    its lr 1e-3 lost, 23.75). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at 0.05,
-    against 21.4, at the 64 px level) (RESULTS.md, Distillation, "A critic for one step", "The
-    critic's noise levels and learning rate")."""
+    its lr 1e-3 lost, 23.75; at 660 steps of a 4 + 8-minute student, w 0.3 lost, 30.1 against 20.8, and
+    detail x 16 came level, 21.1). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at
+    0.05, against 21.4, at the 64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md,
+    Distillation, "A critic for one step", "The critic's noise levels and learning rate", "The 1-step
+    student's detail and critic weights, with the critic")."""
     grid, state = time_grid("student", steps), dict(targets=[], updates=0, scale=None)
     critic = Critic(teacher).to(model_device(teacher)) if adversarial and steps == 1 else None
     critic_opt = critic and torch.optim.Adam(critic.parameters(), lr=2e-3, betas=(0.0, 0.99))
