@@ -2004,7 +2004,8 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, prev
     31.0-37.3 against 29.8, in 29% fewer steps, at the 64 px level (RESULTS.md, Distillation,
     "Distribution matching for one step"); a critic of real faces won (see `distillation_loss`), and
     with it a 4-step student of a third of the minutes taught better than one of half: 4 + 8 minutes
-    SWD 20.2, 20.5, 20.7 against 6 + 6 22.8, 21.6, 22.3 (seeds 0-2; "Four minutes and eight").
+    SWD 20.2, 20.5, 20.7 against 6 + 6 22.8, 21.6, 22.3 (seeds 0-2; RESULTS.md, Distillation, "Four
+    minutes and eight instead of six and six").
     `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s; `objective`: a loss maker with
     `distillation_loss`'s signature. Returns the (EMA) student and its training history."""
     check_student_steps(teacher, steps)
