@@ -1908,8 +1908,8 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     came level, 24.6; at 440 steps the critic's noise below 100 came level, 22.85 against 22.97, and
     its lr 1e-3 lost, 23.75; at 660 steps of a 4 + 8-minute student, w 0.3 lost, 30.1 against 20.8, and
     detail x 16 came level, 21.1; two critic updates a step lost, 22.2 against 20.2 in 427 steps against
-    596). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at
-    0.05, against 21.4, at the 64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md,
+    596). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at 0.05, against 21.4, at the
+    64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md,
     Distillation, "A critic for one step", "The critic's noise levels and learning rate", "The 1-step
     student's detail and critic weights, with the critic", "The 1-step student's learning rate, EMA and
     critic updates")."""
