@@ -1909,10 +1909,9 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     its lr 1e-3 lost, 23.75; at 660 steps of a 4 + 8-minute student, w 0.3 lost, 30.1 against 20.8, and
     detail x 16 came level, 21.1; two critic updates a step lost, 22.2 against 20.2 in 427 steps against
     596). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at 0.05, against 21.4, at the
-    64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md,
-    Distillation, "A critic for one step", "The critic's noise levels and learning rate", "The 1-step
-    student's detail and critic weights, with the critic", "The 1-step student's learning rate, EMA and
-    critic updates")."""
+    64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md, Distillation, "A critic for
+    one step", "The critic's noise levels and learning rate", "The 1-step student's detail and critic
+    weights, with the critic", "The 1-step student's learning rate, EMA and critic updates")."""
     grid, state = time_grid("student", steps), dict(targets=[], updates=0, scale=None)
     critic = Critic(teacher).to(model_device(teacher)) if adversarial and steps == 1 else None
     critic_opt = critic and torch.optim.Adam(critic.parameters(), lr=2e-3, betas=(0.0, 0.99))
@@ -1976,9 +1975,9 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
 # AdamW alone at 1e-3, whose 64 px detail it learns faster (Muon at 1e-3: 26.4 and 27.7). Its EMA is short, about the
 # last 20 steps: at 0.95 6-minute students scored 22.8, 20.6 and 21.2 (three seeds), 12-minute ones 18.4 and 18.6, against
 # 23.1, 22.0, 22.1 and 19.0, 18.8 at 0.99 (0.9: 23.8 and 22.2; RESULTS.md, Distillation, "The student's EMA shortened").
-# A 1-step student's too: at 660 steps, lr 3e-3 and 5e-3 came level over three seeds (means 20.26 and 20.34 against 20.65),
-# EMA 0.99 and lr 1e-3 level with seed 0 (RESULTS.md, Distillation, "The 1-step student's learning rate, EMA and critic
-# updates").
+# A 1-step student's too: at 660 steps, lr 3e-3 and 5e-3 came level over three seeds (means 20.26 and 20.34 against
+# 20.65), EMA 0.99 and lr 1e-3 with seed 0 (RESULTS.md, Distillation, "The 1-step student's learning rate, EMA and
+# critic updates").
 DISTILL = dict(epochs=4, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.95, betas=(0.9, 0.999), muon=True,
                low_res_share=0.0)
 
