@@ -699,22 +699,16 @@ class DiffusionModel(nn.Module):
     `channel_mults` per resolution; depth: `blocks` residual blocks per stage.
 
     With `landmarks=True`, `model(x_t, t, landmarks)` also sees the 9 landmarks ((B, 9, 2) in [0, 1]
-    face coordinates; NaN or None: unconditional) as heatmap channels beside the image: samples
-    followed them closer than with an embedding added to the time embedding (RESULTS.md), since a
-    convolution sees where a heatmap is and an embedding must learn it. On by default, since every
-    CAT photo has them: trained with them, a model's unconditional samples beat those of one trained
-    without them in every pair measured (12 minutes: SWD 25.8 and 25.4 against 26.2 and 31.1, two
-    seeds; 30 minutes: 19.0 against 24.1; RESULTS.md, Landmark-guided generation).
+    face coordinates; NaN or None: unconditional) as heatmap channels beside the image, which a
+    convolution sees where they are. On by default, since every CAT photo has them and even the
+    unconditional samples of a model trained with them beat those of one trained without (30 minutes:
+    SWD 19.0 against 24.1; RESULTS.md, Landmark-guided generation, "The default").
 
-    `student_steps` N > 0 marks a distilled student (see `distill`): the same network, trained to
-    sample in N steps of the "student" sampler, which is then its default.
-
-    `guide`, where a trained model has one (`train` trains one first, or takes `--guide`): a
-    DiffusionModel trained for less time, which sampling extrapolates away from (see `denoise`);
-    saved and loaded with the model.
-
-    EDM2's magnitude-preserving layers on this layout lost at 6 minutes at every learning rate tried
-    (SWD 43.5 at best against 39.5: RESULTS.md, EDM2's magnitude-preserving network).
+    `student_steps` N > 0 marks a distilled student (see `distill`), which samples in N steps of the
+    "student" sampler by default. `guide`, where a model has one (`train` trains one first, or takes
+    `--guide`): a shorter run of the same model, which sampling extrapolates away from (see
+    `denoise`), saved and loaded with the model. EDM2's magnitude-preserving layers lost on this
+    layout (RESULTS.md, EDM2's magnitude-preserving network).
     """
     # What a model file may ask for (see `checked_config`) and the command line may build: beyond
     # these a model takes hours a sample or gigabytes, never a better cat on this data.
@@ -909,10 +903,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     landmark_dropout: float = 0.15  # share of faces trained unconditionally (landmark models)
     # The first share of the steps trains at half the image size (see half_resolution) and half the batch, faster by
-    # HALF_SIZE_SPEEDUP: at 12 minutes, 44% of the steps (a fifth of the time) gave SWD 23.2 and 26.3 against
-    # 26.6 and 28.6 at full size throughout, two seeds; about 26% and 64% gave 25.4 and 26.2; the batch grown from 16
-    # to 32 at full size then gave 27.7 and 27.9 against 33.1 and 34.2 at 16 throughout (RESULTS.md, Progressive
-    # resolution; a slower CPU).
+    # HALF_SIZE_SPEEDUP: at 12 minutes it beat full size throughout, and batch 16 throughout, in two seeds each
+    # (RESULTS.md, Progressive resolution).
     low_res_share: float = 0.4
 
 
@@ -936,11 +928,9 @@ class MuonAdamW(torch.optim.AdamW):
     """AdamW, but Muon (Jordan et al. 2024) for the param groups marked `muon`: each weight's Nesterov
     momentum (0.95), viewed as a matrix (out, in x k x k), is orthogonalised by torch.optim.Muon's
     Newton-Schulz iteration and applied at the learning rate scaled by 0.2 sqrt(max(out, in)), AdamW's
-    update size (Liu et al. 2025). torch.optim.Muon itself takes 2-D weights only, not a convolution's.
-    On a 2-core CPU its iterations cost a quarter of the steps, and it still beat AdamW alone at 12 minutes
-    (SWD 31.2 and 34.3 against 33.4 and 43.0, two seeds) and matched it at 30 (24.1 against 24.5): RESULTS.md, Muon.
-    Schedule-free AdamW (Defazio et al. 2024), which needs no step total, lost to it with its cosine decay at 12 minutes:
-    SWD 36.4 at the better of two learning rates against 26.2 (RESULTS.md, Schedule-free AdamW)."""
+    update size (Liu et al. 2025); torch.optim.Muon itself takes 2-D weights only, not a convolution's.
+    Though its iterations cost a quarter of the steps on a 2-core CPU, it beat AdamW alone at 12 minutes in two
+    seeds, and with its cosine decay schedule-free AdamW (RESULTS.md, Optimiser settings, "Muon", "Schedule-free AdamW")."""
 
     @torch.no_grad()
     def step(self):
@@ -1341,11 +1331,9 @@ def denoise(model, x, t, ab, dtype, landmarks=None, guidance=1.0):
     landmarks the model's without them (classifier-free guidance, Ho & Salimans 2022), for one
     without them its guide's, where it has one (see `train_guide`): the same kind of model trained for
     less time (autoguidance, Karras et al. 2024), at SNR >= GUIDE_MIN_SNR only (a guidance interval,
-    Kynkaanniemi et al. 2024). A 12-minute guide took a 30-minute model from SWD 19.0 to 16.8 (60
-    minutes: 19.9 to 17.5); a 9-minute model with a 3-minute guide scored 16.6 against 20.4 guided at
-    every step, whose noisy steps spoiled the faces' layout (sigma <= 2: 15.8, but the 60-minute
-    model's 18.1); its own run's EMA at 60% and 75% of its steps lost as a guide (RESULTS.md,
-    Autoguidance). `t`: one timestep, or one per image, as `ab`."""
+    Kynkaanniemi et al. 2024), since guided at every step the noisy steps spoiled the faces' layout; a
+    12-minute guide took a 60-minute model from SWD 19.9 to 17.5 (RESULTS.md, Autoguidance). `t`: one
+    timestep, or one per image, as `ab`."""
     t = t.expand(len(x))
     free = x.new_ones(len(x), dtype=torch.bool) if landmarks is None else landmarks.isnan().flatten(1).any(1)
     near = free & (ab / (1 - ab)).reshape(-1).expand(len(x)).ge(GUIDE_MIN_SNR)  # the guide's interval
@@ -1801,12 +1789,10 @@ def teacher_grid(teacher, steps):
     end. A distilled teacher of r `steps` steps takes its own grid's r steps, the only times it knows
     (r = 2 is progressive distillation, Salimans & Ho 2022). A trained teacher takes DPM-Solver++ steps
     evenly spaced in log-SNR (from lambda = -6, as `time_grid`'s), DISTILL_SUBSTEPS x `steps` over the
-    whole ODE (at least 16), at least 2 a row: for 4 steps 7, 2, 2, 6, whose solve scored SWD 20.6
-    against the teacher's 18.2 in 20 steps, and 7, 1, 1 with 4 coarser in the last row (before) 29.9;
-    their 12-minute students 21.2 against 26.2. A 1- or 2-step student's last row keeps DISTILL_SUBSTEPS
-    coarse ones: with finer targets its 6-minute students lost (2 steps, 9 + 7: 42.0 against 36.2; 1
-    step, 14: 87.9, where 4 had scored 69.0), learning them in fewer steps, and 12-minute 2-step ones
-    too (24.9 and 24.4 against 22.3 and 22.1, two seeds; RESULTS.md, Distillation)."""
+    whole ODE (at least 16), at least 2 a row: for 4 steps 7, 2, 2, 6, whose 12-minute students scored
+    SWD 21.2 against 26.2 for 7, 1, 1 and 4 coarser in the last row. A 1- or 2-step student's last row
+    keeps DISTILL_SUBSTEPS coarse ones, which it learns better than finer ones (RESULTS.md, Distillation,
+    "The finer substeps adopted", "Two steps straight from the teacher")."""
     native = teacher.config.get("student_steps", 0)
     grid = time_grid("student", steps).tolist() + [-1]  # -1: the clean image
     if native:
@@ -1884,34 +1870,18 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     The teacher solves for every `reuse`-th image of a batch, and the loss takes these targets with
     those of the `reuse` - 1 training calls before (in `loss.state_dict()`, which checkpoints keep), so
     each teaches `reuse` steps at a fraction of the teacher's cost: at 2, 6-minute 4-step students took
-    272-279 steps instead of 189-195 and scored SWD 24.1, 24.0 and 23.3 (seeds 0-2) against 24.4 and
-    26.0 (seeds 0, 1); at 4, level at 6 minutes, lost at 12 (22.3 against 21.4).
-    The loss adds `detail` times the squared error's detail, what a half-size copy of the error loses:
-    a target is one image, so a student that matches it minimises either loss, and the weight only
-    changes which errors go first; the students trailed their targets most in 64 px detail (SWD 31.9
-    at that level against 11.8), most of it their last step's. At 16 the 6-minute students scored
-    23.1, 22.0 and 22.1 against those 24.1, 24.0 and 23.3 (at 64: 22.8, 22.1; 4: 24.8; 256: 24.4;
-    RESULTS.md, Distillation, "The detail weighted"). One step, a blur, wants more: 1-step students
-    of a 4-step one scored 29.8 and 31.1 (two seeds) at 64 against 31.2 and 32.0 at 16 (256: 29.7);
-    2-step ones 25.6 at 64 against 25.8 at 16 ("The student's EMA shortened").
-    A 2-step student's first step comes near its target and its last does not (the teacher's solve in
-    place of its first step scored SWD 21.1, of its last 19.6, of neither 22.3), so its last step
-    takes 3/4 of the images: 12-minute students scored 21.4, 21.2 and 21.1 (three seeds) against 22.3
-    and 22.1, at the 64 px level, in 16% more steps, its targets being cheaper; 2/3 came level (20.8,
-    21.2, 21.0), 7/8 lost (22.5) (RESULTS.md, Distillation, "The last of two steps").
+    272-279 steps instead of 189-195 and scored level or better ("Each target for two steps").
+    The loss adds `detail` (for one step `detail_1_step`) times the squared error's detail, what a
+    half-size copy of the error loses: a student that matches its target minimises either loss, so the
+    weight only puts first the 64 px detail where students trailed most (6-minute 4-step students: SWD
+    23.1, 22.0 and 22.1 against 24.1, 24.0 and 23.3; "The detail weighted").
+    A 2-step student's last step misses its target more than its first, so it takes 3/4 of the images
+    (12-minute students: 21.4, 21.2 and 21.1 against 22.3 and 22.1 for half; "The last of two steps").
     A 1-step student's regression can only blur where the student cannot follow its target, so it
     also learns from a `Critic` of real faces on its teacher's features, at `adversarial` times the
     regression's gradient norm once the critic has had `critic_warmup` steps alone, its weight then
-    ramping up over as many: 6 + 6-minute 1-step students scored SWD 24.8, 22.4 and 23.4 (seeds
-    0-2) against 29.6 and 31.1 (seeds 0, 1), at the 64 and 32 px levels, in a fifth fewer steps
-    (scratch copies: w 0.1 26.4, 0.2 23.9, 0.3 26.7, 0.5 53.1, its colours gone; a warm-up of 20
-    came level, 24.6; at 440 steps the critic's noise below 100 came level, 22.85 against 22.97, and
-    its lr 1e-3 lost, 23.75; at 660 steps of a 4 + 8-minute student, w 0.3 lost, 30.1 against 20.8, and
-    detail x 16 came level, 21.1; two critic updates a step lost, 22.2 against 20.2 in 427 steps against
-    596). A 2-step student's last step lost with it (26.9 at w 0.2, 22.4 at 0.05, against 21.4, at the
-    64 px level; through a 4-step student 26.1 against 21.5) (RESULTS.md, Distillation, "A critic for
-    one step", "The critic's noise levels and learning rate", "The 1-step student's detail and critic
-    weights, with the critic", "The 1-step student's learning rate, EMA and critic updates")."""
+    ramping up over as many (6 + 6-minute students: 24.8, 22.4 and 23.4 against 29.6 and 31.1; "A critic
+    for one step"; it lost for 2 steps). Sections of RESULTS.md, Distillation."""
     grid, state = time_grid("student", steps), dict(targets=[], updates=0, scale=None)
     critic = Critic(teacher).to(model_device(teacher)) if adversarial and steps == 1 else None
     critic_opt = critic and torch.optim.Adam(critic.parameters(), lr=2e-3, betas=(0.0, 0.99))
@@ -1970,14 +1940,10 @@ def distillation_loss(teacher, steps, dtype, guidance, reuse=2, detail=16, detai
     return loss
 
 
-# distill's recipe, TrainConfig's otherwise: the settings its students were measured with (RESULTS.md). Muon at lr 2e-3:
-# the 6-minute students of a guided 12-minute teacher scored SWD 25.7 and 26.2 (two seeds) against 29.1 and 29.2 with
-# AdamW alone at 1e-3, whose 64 px detail it learns faster (Muon at 1e-3: 26.4 and 27.7). Its EMA is short, about the
-# last 20 steps: at 0.95 6-minute students scored 22.8, 20.6 and 21.2 (three seeds), 12-minute ones 18.4 and 18.6, against
-# 23.1, 22.0, 22.1 and 19.0, 18.8 at 0.99 (0.9: 23.8 and 22.2; RESULTS.md, Distillation, "The student's EMA shortened").
-# A 1-step student's too: at 660 steps, lr 3e-3 and 5e-3 came level over three seeds (means 20.26 and 20.34 against
-# 20.65), EMA 0.99 and lr 1e-3 with seed 0 (RESULTS.md, Distillation, "The 1-step student's learning rate, EMA and
-# critic updates").
+# distill's recipe, TrainConfig's otherwise: Muon at lr 2e-3 learns the students' 64 px detail faster than AdamW alone
+# (SWD 25.7 and 26.2 against 29.1 and 29.2), and an EMA of about the last 20 steps beat 0.99's in five of five pairs
+# (RESULTS.md, Distillation, "Muon in the student", "The student's EMA shortened"; for one step, "The 1-step student's
+# learning rate, EMA and critic updates").
 DISTILL = dict(epochs=4, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.95, betas=(0.9, 0.999), muon=True,
                low_res_share=0.0)
 
@@ -1997,19 +1963,11 @@ def distill(teacher, data, steps, cfg, out_dir, resume=None, settings=None, prev
     """Distil `teacher` into a student that samples in `steps` steps: the student starts from the
     teacher's weights and learns, with `train`, one step of the "student" sampler for each of the
     teacher's ODE solves along `teacher_grid`. One round straight to `steps`: the fewer rounds,
-    the less error compounds (TRACT, Berthelot et al. 2023). So a 2-step student learns best straight
-    from a trained teacher: in its 12 minutes SWD 22.3 and 22.1 (two seeds, each of its steps on half
-    the images, before `distillation_loss` gave its last 3/4) against 25.8 from a 6-minute
-    4-step student's 6 more (8 + 4: 24.8). A 1-step student learns best from the 4-step one: 6 + 6
-    minutes gave SWD 57.7 and 57.4 (two seeds) against 61.1 and 61.6 from the 2-step one; straight
-    from a trained teacher, 87.9 from its 14 finer substeps, 69.0 from its 4 coarse ones.
-    Consistency training (ECT) and distillation lost at the same 12 minutes: 91.7 and 88.3 against 57.2;
-    distribution matching (DMD, Yin et al. 2024) added to the 6 + 6 minutes' regression lost too:
-    31.0-37.3 against 29.8, in 29% fewer steps, at the 64 px level (RESULTS.md, Distillation,
-    "Distribution matching for one step"); a critic of real faces won (see `distillation_loss`), and
-    with it a 4-step student of a third of the minutes taught better than one of half: 4 + 8 minutes
-    SWD 20.2, 20.5, 20.7 against 6 + 6 22.8, 21.6, 22.3 (seeds 0-2; RESULTS.md, Distillation, "Four
-    minutes and eight instead of six and six").
+    the less error compounds (TRACT, Berthelot et al. 2023), though a 1-step student learns best from
+    a 4-step one ("Fewer than 4 steps"). This regression beat consistency training (ECT, Geng et al.
+    2024) and consistency distillation for one step, SWD 57.2 against 91.7 and 88.3 in 12 minutes, and
+    distribution matching (DMD, Yin et al. 2024) added to it lost too (RESULTS.md, Distillation, "one
+    step by consistency", "Distribution matching for one step").
     `resume`: out_dir's checkpoint.pt; `preview`: as `train`'s; `objective`: a loss maker with
     `distillation_loss`'s signature. Returns the (EMA) student and its training history."""
     check_student_steps(teacher, steps)
@@ -2386,9 +2344,8 @@ def build_parser(wanted=None, resumed=None, error=None):
                     help="photos in the synthetic set drawn when there is no data")
     tr.add_argument("--name", type=name_arg, default="DiffusionModel", help="the final weights go to NAME.pth")
     tr.add_argument("--guide", type=existing_file, metavar="MODEL.pth", help="a shorter run's model: autoguidance")
-    # A quarter for the guide: at 12 minutes, 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
-    # unguided, and a 12-minute model's 3-minute guide beat its 6-minute one; `--minutes 12` with its guide built in
-    # scored 18.8 and 19.1, two seeds (RESULTS.md, Autoguidance, "In `train` itself"; longer runs: GUIDE_MAX_MINUTES).
+    # A quarter for the guide: at 12 minutes 9 + 3 scored SWD 16.6, 19.8 and 18.9 (three seeds) against 24.1-25.8
+    # unguided (RESULTS.md, Autoguidance, "In `train` itself"; longer runs: GUIDE_MAX_MINUTES).
     tr.add_argument("--guide-share", type=in_range(float, 0.0, 0.5), default=0.25, metavar="SHARE", help="without --guide,"
                     f" the share of --minutes (<= {GUIDE_MAX_MINUTES}) or --epochs to train a guide in OUT/guide (0: none)")
     di = command("distill", "distil a trained model into a student that samples in a few steps", model_file, batch,
