@@ -2256,6 +2256,7 @@ SATELLITES = {"eval": ("cat_eval", "measure sample quality against held-out face
               "bench": ("cat_eval", "measure training and sampling speed"),
               "serve": ("cat_studio", "a local web page to pose the landmarks, generate, inpaint and interpolate")}
 
+
 class Parser(argparse.ArgumentParser):
     """argparse with each error on one line: what is wrong, and where the options are listed;
     `raise_error(message)`, when given, makes the exception to raise instead."""
