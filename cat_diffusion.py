@@ -702,7 +702,8 @@ class DiffusionModel(nn.Module):
     face coordinates; NaN or None: unconditional) as heatmap channels beside the image: samples followed
     them closer than an embedding, since a convolution sees where a heatmap is. On by default, since
     every CAT photo has them and even the unconditional samples of a model trained with them beat those
-    of one trained without (30 minutes: SWD 19.0 against 24.1; RESULTS.md, Landmark-guided generation).
+    of one trained without (30 minutes: SWD 19.0 against 24.1; RESULTS.md, Landmark-guided generation,
+    "The default").
 
     `student_steps` N > 0 marks a distilled student (see `distill`), which samples in N steps of the
     "student" sampler by default. `guide`, where a model has one (`train` trains one first, or takes
